@@ -1,0 +1,767 @@
+"""
+UniNeXt in one file: an improved general architecture for vision backbones, and the token mixers it holds.
+
+UniNeXt (Lin et al., "UniNeXt: Exploring A Unified Architecture for Vision Recognition", ACM MM 2023)
+argues that the *general architecture* around a spatial token mixer matters more than the mixer itself.
+It keeps the four-stage hierarchical layout of Swin/MetaFormer and changes four things around the mixer:
+
+    conv stem  three 3x3 convs with LayerNorm instead of one 4x4 patch embedding
+    EC         Embedded Convolution: a depthwise 3x3 conv added to the mixer's output, inside the branch
+    HdC        High-dimensional Convolution: a depthwise 3x3 conv in the MLP's 4x wide hidden layer
+               (the MLP with it is the ICMLP, Inner Convolution MLP)
+    PC         Post Convolution: a residual depthwise 3x3 conv after every block
+
+and shows that this lifts every mixer, narrows the gaps between them and changes their ranking. To see the
+claim, the same mixer must also run in the *vanilla* architecture it was proposed in: `create_model(...,
+arch="vanilla")` turns the four ingredients off and gives each attention mixer its original position
+encoding back; each ingredient can also be switched on its own.
+
+Mixers (`MIXERS`), each a module (B, H, W, C) -> (B, H, W, C):
+    pool      PoolFormer average pooling (Yu et al. 2022)            released by the UniNeXt authors
+    conv      ConvNeXt 7x7 depthwise conv (Liu et al. 2022)          released
+    window    attention in non-overlapping windows (Swin, no shift)  released
+    cswin     cross-shaped stripe attention (CSWin, Dong et al. 2022) released
+    pvt       spatial-reduction attention (PVT, Wang et al. 2021)    released
+    swin      shifted-window attention (Swin, Liu et al. 2021)
+    global    full self-attention (ViT, Dosovitskiy et al. 2021)
+    identity  no spatial mixing: only EC, HdC and PC move information between positions
+
+Layout: one (B, H, W, C) tensor ("NHWC") flows through the whole network. LayerNorm and Linear act on its
+last dimension directly; convolutions see `x.permute(0, 3, 1, 2)`, a channels_last NCHW *view* of the same
+memory, so no copy is made around them. All attention runs through `F.scaled_dot_product_attention`, with
+windows and stripes folded into its batch dimension; `record_attention` switches to a readable manual path
+that also returns the attention probabilities.
+
+    import torch, uninext
+    model = uninext.create_model("T", "window")   # UniNeXt-T with local window attention, 23.52M params
+    model(torch.randn(1, 3, 224, 224)).shape       # (1, 1000)
+"""
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: convolutions on (B, H, W, C) tensors, drop path, windows, one attention function
+
+
+class Conv(nn.Conv2d):
+    """`nn.Conv2d` for (B, H, W, C) tensors. The permute gives a channels_last view, which PyTorch's conv
+    kernels take as is and answer in channels_last, so the permute back is a view too: no copies."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H', W', C_out)
+
+
+def DWConv(dim, kernel_size=3):
+    """Depthwise conv, stride 1, 'same' padding, with bias: the one spatial operator of EC, HdC and PC."""
+    return Conv(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop a residual branch for a whole sample, rescale the rest."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, 1, 1)
+        return x * mask / keep
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+def window_partition(x, wh, ww):
+    """(B, H, W, C) -> (B, nW, wh*ww, C): cut into wh x ww windows, in raster order. H, W must be multiples
+    of wh, ww. A window of (wh, W) is a horizontal stripe, (H, ww) a vertical one."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // wh, wh, W // ww, ww, C)  # (B, nH, wh, nW_w, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, wh * ww, C)  # (B, nH*nW_w, wh*ww, C)
+
+
+def window_reverse(windows, wh, ww, H, W):
+    """(B, nW, wh*ww, C) -> (B, H, W, C): the inverse of `window_partition`."""
+    B, _, _, C = windows.shape
+    x = windows.reshape(B, H // wh, W // ww, wh, ww, C)  # (B, nH, nW_w, wh, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def pad_to_multiple(x, mh, mw):
+    """Zero-pad (B, H, W, C) at the bottom and right so that H, W become multiples of mh, mw."""
+    ph, pw = -x.shape[1] % mh, -x.shape[2] % mw
+    return F.pad(x, (0, 0, 0, pw, 0, ph)) if ph or pw else x  # F.pad pads the last dims first
+
+
+def padding_blocked(H, W, Hp, Wp, wh, ww, shift=(0, 0), device=None):
+    """bool (nW, N, N), True where a real query would see a key that is padding (the map was padded from
+    H x W to Hp x Wp, then rolled by -shift and cut into wh x ww windows); None when nothing was padded.
+    Padded queries may see padded keys, so that no row of the mask is empty."""
+    if (Hp, Wp) == (H, W):
+        return None
+    ids = grid_ids(Hp, Wp, device)
+    padded = torch.roll((ids // Wp >= H) | (ids % Wp >= W), (-shift[0], -shift[1]), (1, 2))
+    padded = window_partition(padded, wh, ww)[0, ..., 0]  # (nW, N)
+    return padded[:, None, :] & ~padded[:, :, None]
+
+
+def window_mask(blocked, bias, nW, heads, N, dtype, device):
+    """Additive (nW*heads, N, N) mask for `attention_in_windows`: -inf where `blocked` (nW, N, N) is True,
+    plus a (heads, N, N) `bias`; None when there is neither, so that SDPA can take its fastest kernels.
+    Its rows are stored 8-aligned: SDPA's memory-efficient kernel copies a mask on every call otherwise."""
+    if blocked is None and bias is None:
+        return None
+    mask = torch.zeros(nW, heads, N, -(-N // 8) * 8, dtype=dtype, device=device)[..., :N]
+    if blocked is not None:
+        mask.masked_fill_(blocked[:, None], float("-inf"))
+    if bias is not None:
+        mask.add_(bias.to(dtype))  # in place, to keep the aligned rows
+    return mask.reshape(nW * heads, N, N)
+
+
+def attend(q, k, v, mask=None, manual=False):
+    """Scaled dot-product attention over (B, heads, N, d) queries and (B, heads, M, d) keys and values.
+    The fast path is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); the
+    manual path computes the same thing step by step and also returns the (B, heads, N, M) probabilities."""
+    if not manual:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, M)
+    if mask is not None:
+        logits = logits + mask
+    probs = logits.softmax(dim=-1)
+    return probs @ v, probs
+
+
+def attention_in_windows(qkv, wh, ww, mask=None, manual=False):
+    """Self-attention inside each wh x ww window of a (B, Hp, Wp, 3, heads, d) map of queries, keys and
+    values. Windows are folded into SDPA's head dimension, (B, nW*heads, N, d), so that a mask that depends
+    on the window but not on the image, (nW*heads, N, N), broadcasts over the batch without a copy.
+    Returns (B, Hp, Wp, heads*d) and, on the manual path, the (B, nW*heads, N, N) probabilities."""
+    B, Hp, Wp, _, heads, d = qkv.shape
+    windows = window_partition(qkv.reshape(B, Hp, Wp, 3 * heads * d), wh, ww)  # (B, nW, N, 3*heads*d)
+    nW, N = windows.shape[1], windows.shape[2]
+    windows = windows.reshape(B, nW, N, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
+    q, k, v = windows.reshape(3, B, nW * heads, N, d).unbind(0)
+    out, probs = attend(q, k, v, mask, manual)  # (B, nW*heads, N, d)
+    out = out.reshape(B, nW, heads, N, d).transpose(2, 3).reshape(B, nW, N, heads * d)
+    return window_reverse(out, wh, ww, Hp, Wp), probs
+
+
+def dense_attention_maps(probs, token_ids, heads, n_tokens):
+    """Scatter window probabilities (B, nW*heads, N, N) into full maps (B, heads, n, n) over all n tokens
+    of the padded grid. token_ids (nW, N) holds the grid index of each window position, obtained by
+    partitioning a grid of indices exactly as the tokens were partitioned. Zero outside the window."""
+    B = probs.shape[0]
+    nW, N = token_ids.shape
+    probs = probs.reshape(B, nW, heads, N, N).transpose(1, 2)  # (B, heads, nW, N, N)
+    dense = probs.new_zeros(B, heads, n_tokens, n_tokens)
+    dense[:, :, token_ids[:, :, None], token_ids[:, None, :]] = probs
+    return dense
+
+
+def shift_slices(window, shift):
+    """The three regions of one axis of a map rolled by -shift (Swin): tokens that stayed inside the last
+    window, those that moved in from the window before, and those that wrapped around from the start."""
+    if not shift:
+        return (slice(None),)
+    return slice(0, -window), slice(-window, -shift), slice(-shift, None)
+
+
+def grid_ids(Hp, Wp, device):
+    """(1, Hp, Wp, 1) raster index of every position: partitioned like the tokens, it says which token
+    sits where in each window (for padding masks, shift masks and attention maps)."""
+    return torch.arange(Hp * Wp, device=device).reshape(1, Hp, Wp, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Spatial token mixers. Same constructor for all: (dim, num_heads, size, *, index, ec, pos), where `size`
+# is the mixer's spatial extent in this stage (pooling kernel, conv kernel, window, stripe width, reduction
+# ratio; 0 means "the whole grid"), `index` the block's position in its stage, `ec` whether to add the
+# Embedded Convolution and `pos` whether to use the position encoding of the mixer's original paper.
+# Class attribute `position` names that encoding: the stage adds an absolute one, the mixer the others.
+
+
+class Pooling(nn.Module):
+    """PoolFormer's token mixer: `AvgPool3x3(x) - x`. The subtraction is there because the block adds x
+    back through its residual; what is left is "my neighbours' mean minus me". No parameters, no position
+    encoding needed (pooling is local). Cost: 9 adds per channel per token. EC runs on the input x."""
+
+    position = None
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__()
+        self.size = size
+        self.ec = DWConv(dim) if ec else None
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.size, 1, self.size // 2, count_include_pad=False)
+        out = pooled.permute(0, 2, 3, 1) - x  # (B, H, W, C)
+        return out + self.ec(x) if self.ec is not None else out
+
+
+class DepthwiseConv(nn.Module):
+    """ConvNeXt's token mixer: one large (7x7) depthwise conv with bias. Local and position-aware by
+    itself. Cost: 49 MACs per channel per token, 50 parameters per channel. EC runs on the input x."""
+
+    position = None
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__()
+        self.conv = DWConv(dim, size)
+        self.ec = DWConv(dim) if ec else None
+
+    def forward(self, x):
+        out = self.conv(x)
+        return out + self.ec(x) if self.ec is not None else out
+
+
+class Identity(nn.Module):
+    """No spatial mixing: each token only sees itself. In the vanilla architecture this network cannot
+    relate positions at all before the global pool; in UniNeXt, EC, HdC and PC still do, which makes it the
+    most telling ablation of the general architecture."""
+
+    position = None
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__()
+        self.ec = DWConv(dim) if ec else None
+
+    def forward(self, x):
+        return x + self.ec(x) if self.ec is not None else x
+
+
+class RelativePositionBias(nn.Module):
+    """Swin's learned relative position bias: one scalar per head for each of the (2w-1)^2 offsets between
+    two tokens of a w x w window, added to the attention logits. Windows cut smaller than w (small grids)
+    use the central part of the table."""
+
+    def __init__(self, window, num_heads):
+        super().__init__()
+        self.window = window
+        self.table = nn.Parameter(torch.empty((2 * window - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.table, std=0.02)
+
+    def forward(self, wh, ww):
+        coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+        offsets = coords[:, :, None] - coords[:, None, :] + self.window - 1  # (2, N, N), in [0, 2w-2]
+        index = offsets[0] * (2 * self.window - 1) + offsets[1]  # (N, N)
+        return self.table[index.to(self.table.device)].permute(2, 0, 1)  # (heads, N, N)
+
+
+class AttentionMixer(nn.Module):
+    """What every attention mixer shares: the head layout and the switch to the manual path. `record` is
+    None, or a function that receives this mixer's attention maps (set by `record_attention`)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: {num_heads} heads do not divide {dim} channels")
+        self.num_heads = num_heads
+        self.record = None
+
+
+class WindowAttention(AttentionMixer):
+    """Local window attention (Swin without the shift): tokens attend only within non-overlapping
+    `size` x `size` windows, so cost grows linearly with the image. As in the UniNeXt release, q and v have
+    biases and k has none (a k bias adds the same logit to every key of a query and cancels in the softmax).
+
+    In UniNeXt the windows need no position bias: EC, a depthwise conv over the whole map of V, gives
+    position and lets information cross window borders. In the vanilla architecture (`pos`) the mixer gets
+    Swin's relative position bias instead. A map that the window does not divide is zero-padded right and
+    bottom (as the authors do), padded keys are masked so that they change nothing, and the result is
+    cropped back. A window larger than the grid shrinks to it. Cost per token: 4C^2 MACs for qkv and
+    output projection (the latter in the block) plus 2*N*C for the attention over N = size^2 tokens."""
+
+    position = "relative"
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__(dim, num_heads)
+        self.window = size
+        self.shift = 0
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.ec = DWConv(dim) if ec else None
+        self.rel_pos = RelativePositionBias(size, num_heads) if pos and self.position == "relative" else None
+
+    def window_shape(self, H, W):
+        return (min(self.window, H), min(self.window, W)) if self.window else (H, W)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, H, W, 3C)
+        wh, ww = self.window_shape(H, W)
+        sh, sw = (self.shift if wh < H else 0), (self.shift if ww < W else 0)
+        qkv_p = pad_to_multiple(qkv, wh, ww)  # (B, Hp, Wp, 3C), padded keys are all-zero
+        Hp, Wp = qkv_p.shape[1], qkv_p.shape[2]
+        if sh or sw:  # Swin: roll the map so that the new windows straddle the old window borders
+            qkv_p = torch.roll(qkv_p, shifts=(-sh, -sw), dims=(1, 2))
+
+        mask = self.attention_mask(H, W, Hp, Wp, wh, ww, sh, sw, x.device, x.dtype)
+        out, probs = attention_in_windows(qkv_p.unflatten(-1, (3, self.num_heads, -1)), wh, ww, mask,
+                                          manual=self.record is not None)
+        if sh or sw:
+            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+        out = out[:, :H, :W]  # (B, H, W, C), crop the padding
+        if self.record is not None:
+            ids = torch.roll(grid_ids(Hp, Wp, x.device), shifts=(-sh, -sw), dims=(1, 2))
+            ids = window_partition(ids, wh, ww)[..., 0][0]  # (nW, N)
+            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
+            self.record(dense_attention_maps(probs, ids, self.num_heads, Hp * Wp)[:, :, real][..., real])
+        if self.ec is not None:
+            out = out + self.ec(qkv[..., 2 * C:])  # EC on V over the whole map
+        return out
+
+    def attention_mask(self, H, W, Hp, Wp, wh, ww, sh, sw, device, dtype):
+        """Additive (nW*heads, N, N) mask, or None when nothing needs one (the usual UniNeXt case): it
+        keeps padded keys away from real queries, keeps tokens that the shift wrapped around apart from
+        their new neighbours (Swin), and carries the relative position bias (vanilla)."""
+        blocked = padding_blocked(H, W, Hp, Wp, wh, ww, (sh, sw), device)
+        if sh or sw:
+            region = torch.zeros(1, Hp, Wp, 1, device=device)  # which part of the rolled map a token is from
+            for i, rows in enumerate(shift_slices(wh, sh)):
+                for j, cols in enumerate(shift_slices(ww, sw)):
+                    region[:, rows, cols] = 3 * i + j
+            region = window_partition(region, wh, ww)[0, ..., 0]  # (nW, N)
+            apart = region[:, :, None] != region[:, None, :]
+            blocked = apart if blocked is None else blocked | apart
+        bias = self.rel_pos(wh, ww) if self.rel_pos is not None else None
+        nW = (Hp // wh) * (Wp // ww)
+        return window_mask(blocked, bias, nW, self.num_heads, wh * ww, dtype, device)
+
+
+class ShiftedWindowAttention(WindowAttention):
+    """Swin's shifted windows: every second block rolls the map by half a window before partitioning, so
+    that information crosses window borders without a conv. The tokens that the roll wraps around from one
+    edge to the other are not neighbours, so a mask keeps them apart. Same parameters as `window`."""
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__(dim, num_heads, size, index=index, ec=ec, pos=pos)
+        self.shift = size // 2 if index % 2 else 0
+
+
+class GlobalAttention(WindowAttention):
+    """Full self-attention over all tokens (ViT): a window that covers the whole grid. Cost grows with the
+    square of the number of tokens, which is fine on the small grids of 32x32 images and of late stages.
+    Its original position encoding is ViT's absolute embedding, which the stage adds (`pos`)."""
+
+    position = "absolute"
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__(dim, num_heads, 0, index=index, ec=ec, pos=pos)
+
+
+class CrossShapedWindowAttention(AttentionMixer):
+    """CSWin's cross-shaped window: half of the heads attend within horizontal stripes of `size` rows, the
+    other half within vertical stripes of `size` columns, so a token sees a cross through itself at the
+    cost of a window. With size 0 (the last stage, where one stripe is the whole grid) a single branch with
+    all heads attends globally. qkv has full biases.
+
+    EC is applied to V per stripe, each stripe convolved on its own with zero padding at its borders: this
+    is CSWin's own LePE (locally-enhanced positional encoding), so the vanilla architecture (`pos`) keeps
+    exactly the same conv. Each branch has its own depthwise conv over its half of the channels."""
+
+    position = "lepe"
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__(dim, num_heads)
+        self.stripe = size
+        self.branches = 1 if size == 0 else 2
+        self.branch_heads = max(num_heads // self.branches, 1)  # as CSWin: S's 3 heads become 1 + 1 of 48
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ec = nn.ModuleList(DWConv(dim // self.branches) for _ in range(self.branches)) if ec or pos else None
+
+    def stripe_shapes(self, Hp, Wp):
+        """(window height, window width) per branch: horizontal stripes, then vertical stripes."""
+        if self.branches == 1:
+            return [(Hp, Wp)]
+        return [(min(self.stripe, Hp), Wp), (Hp, min(self.stripe, Wp))]
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        step = min(self.stripe, H, W) if self.stripe else 1
+        qkv = pad_to_multiple(self.qkv(x), step, step)  # (B, Hp, Wp, 3C)
+        Hp, Wp = qkv.shape[1], qkv.shape[2]
+        qkv = qkv.unflatten(-1, (3, self.branches, self.branch_heads, -1))  # (B, Hp, Wp, 3, branches, h, d)
+        heads = self.branch_heads
+        outs, maps = [], []
+        for b, (wh, ww) in enumerate(self.stripe_shapes(Hp, Wp)):
+            branch = qkv[:, :, :, :, b]  # (B, Hp, Wp, 3, h, d): this branch's half of the channels
+            nW = (Hp // wh) * (Wp // ww)
+            blocked = padding_blocked(H, W, Hp, Wp, wh, ww, device=x.device)
+            mask = window_mask(blocked, None, nW, heads, wh * ww, x.dtype, x.device)
+            out, probs = attention_in_windows(branch, wh, ww, mask, manual=self.record is not None)
+            if self.ec is not None:  # EC / LePE on V, each stripe convolved as its own little image
+                v = window_partition(branch[:, :, :, 2].flatten(-2), wh, ww)  # (B, nW, wh*ww, c)
+                c = v.shape[-1]
+                v = self.ec[b](v.reshape(B * nW, wh, ww, c)).reshape(B, nW, wh * ww, c)
+                out = out + window_reverse(v, wh, ww, Hp, Wp)
+            outs.append(out)
+            if self.record is not None:
+                ids = window_partition(grid_ids(Hp, Wp, x.device), wh, ww)[0, ..., 0]  # (nW, N)
+                maps.append(dense_attention_maps(probs, ids, heads, Hp * Wp))
+        if self.record is not None:
+            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
+            self.record(torch.cat(maps, dim=1)[:, :, real][..., real])
+        return torch.cat(outs, dim=-1)[:, :H, :W]  # (B, H, W, C)
+
+
+class SpatialReductionAttention(AttentionMixer):
+    """PVT's spatial-reduction attention: queries at full resolution, keys and values from the map shrunk
+    by a strided conv (kernel = stride = `size`) and a LayerNorm, so every token sees the whole image at
+    1/size^2 of global attention's cost. Ratio 1 is plain global attention. A map that the ratio does not
+    divide is zero-padded before the reduction. Its V lives on the reduced grid, so EC runs on the input x.
+    Its original position encoding is PVT v1's absolute embedding, which the stage adds (`pos`)."""
+
+    position = "absolute"
+
+    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+        super().__init__(dim, num_heads)
+        self.ratio = size
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        if size > 1:
+            self.sr = Conv(dim, dim, size, stride=size)
+            self.norm = nn.LayerNorm(dim)
+        self.ec = DWConv(dim) if ec else None
+
+    def reduce(self, x):
+        """(B, H, W, C) -> (B, ceil(H/r), ceil(W/r), C): the map that keys and values are computed from."""
+        if self.ratio == 1:
+            return x
+        return self.norm(self.sr(pad_to_multiple(x, self.ratio, self.ratio)))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        q = self.q(x).reshape(B, H * W, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        kv = self.kv(self.reduce(x)).reshape(B, -1, 2, self.num_heads, C // self.num_heads)  # (B, M, 2, heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, M, d) each
+        out, probs = attend(q, k, v, manual=self.record is not None)
+        if self.record is not None:
+            self.record(probs)  # (B, heads, H*W, M): keys are the cells of the reduced grid
+        out = out.transpose(1, 2).reshape(B, H, W, C)
+        return out + self.ec(x) if self.ec is not None else out
+
+
+MIXERS = {
+    "pool": Pooling,
+    "conv": DepthwiseConv,
+    "window": WindowAttention,
+    "cswin": CrossShapedWindowAttention,
+    "pvt": SpatialReductionAttention,
+    "swin": ShiftedWindowAttention,
+    "global": GlobalAttention,
+    "identity": Identity,
+}
+
+
+@contextmanager
+def record_attention(model):
+    """Run every attention mixer of `model` through the manual path and collect its probabilities.
+
+        with uninext.record_attention(model) as maps:
+            logits = model(images)
+        maps["stages.0.blocks.1.mixer"]  # (B, heads, H*W, H*W), rows = queries, columns = keys
+
+    Queries and keys are the tokens of the stage's grid in raster order; a window mixer's row is zero
+    outside the query's window, a cswin map holds the horizontal-stripe heads first, and pvt's columns are
+    the cells of its reduced grid. The outputs equal those of the SDPA path (tested)."""
+    maps = {}
+    mixers = {name: m for name, m in model.named_modules() if isinstance(m, AttentionMixer)}
+    for name, mixer in mixers.items():
+        mixer.record = lambda probs, name=name: maps.__setitem__(name, probs.detach())
+    try:
+        yield maps
+    finally:
+        for mixer in mixers.values():
+            mixer.record = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The UniNeXt ingredients around the mixer: conv stem, ICMLP with HdC, PC (EC lives in each mixer, since
+# where it applies, to V or to the input, depends on the mixer).
+
+
+class ConvStem(nn.Module):
+    """UniNeXt's stem: three 3x3 convs, each followed by LayerNorm (not BatchNorm) and GELU, the first with
+    stride `stride // 2`, then the usual strided-conv downsampling to the first stage's width. Compared with
+    a 4x4 patch embedding it sees overlapping neighbourhoods before the first block, at about 2% of
+    UniNeXt-T's MACs. Total stride 4 (ImageNet) or 2 (small images)."""
+
+    def __init__(self, in_chans, dim, stride):
+        super().__init__()
+        half = dim // 2
+        self.layers = nn.Sequential(
+            Conv(in_chans, half, 3, stride=stride // 2, padding=1), nn.LayerNorm(half), nn.GELU(),
+            Conv(half, half, 3, padding=1), nn.LayerNorm(half), nn.GELU(),
+            Conv(half, half, 3, padding=1), nn.LayerNorm(half), nn.GELU(),
+        )
+        self.down = Downsample(half, dim)
+
+    def forward(self, x):
+        return self.down(self.layers(x))
+
+
+class PatchEmbed(nn.Module):
+    """The vanilla stem (Swin, PoolFormer, ConvNeXt): non-overlapping `stride` x `stride` patches, each
+    projected to `dim` channels by one conv, then LayerNorm."""
+
+    def __init__(self, in_chans, dim, stride):
+        super().__init__()
+        self.proj = Conv(in_chans, dim, stride, stride=stride)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm(self.proj(x))
+
+
+class Downsample(nn.Module):
+    """Between stages: a 3x3 conv with stride 2 that doubles the channels, then LayerNorm."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.conv = Conv(dim_in, dim_out, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(dim_out)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+class ICMLP(nn.Module):
+    """The channel MLP, fc1 (C -> 4C) -> GELU -> fc2 (4C -> C). With HdC (High-dimensional Convolution)
+    it becomes UniNeXt's ICMLP (Inner Convolution MLP): a residual depthwise 3x3 conv, LayerNorm and GELU
+    in the 4C-wide hidden layer, `h = h + GELU(LN(DWConv(h)))`. The conv mixes neighbours where the
+    features are richest, for 9 MACs per hidden channel per token (about 2% of the MLP's own cost)."""
+
+    def __init__(self, dim, hidden, hdc):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.hdc = nn.Sequential(DWConv(hidden), nn.LayerNorm(hidden), nn.GELU()) if hdc else None
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))  # (B, H, W, 4C)
+        if self.hdc is not None:
+            h = h + self.hdc(h)
+        return self.fc2(h)
+
+
+class Block(nn.Module):
+    """One block, pre-norm, whatever the mixer:
+
+        x = x + DropPath(Proj(Mixer(LN(x))))      the mixer adds EC to its output itself
+        x = x + DropPath(MLP(LN(x)))              ICMLP when HdC is on
+        x = x + PC(x)                             Post Convolution, when on: a residual depthwise 3x3 conv
+                                                  outside DropPath, so it is never dropped
+    """
+
+    def __init__(self, dim, mixer, *, mlp_ratio, hdc, pc, drop_path):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = mixer
+        self.proj = nn.Linear(dim, dim)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = ICMLP(dim, mlp_ratio * dim, hdc)
+        self.pc = DWConv(dim) if pc else None
+
+    def forward(self, x):  # (B, H, W, C) -> (B, H, W, C)
+        x = x + self.drop_path(self.proj(self.mixer(self.norm1(x))))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.pc is not None:
+            x = x + self.pc(x)
+        return x
+
+
+class Stage(nn.Module):
+    """Downsampling (except in the first stage, whose input comes from the stem at the right width), an
+    absolute position embedding when the mixer's original architecture had one (vanilla PVT and ViT: one
+    per stage, made for the preset's image size and resized bicubically to others), then the blocks."""
+
+    def __init__(self, cfg, i, drop_paths):
+        super().__init__()
+        dim, mixer_cls = cfg.dims[i], MIXERS[cfg.mixer]
+        self.downsample = Downsample(cfg.dims[i - 1], dim) if i > 0 else nn.Identity()
+        self.pos_embed = None
+        if cfg.mixer_pos and mixer_cls.position == "absolute":
+            grid = math.ceil(cfg.img_size / (cfg.stem_stride * 2 ** i))
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        heads = dim // cfg.head_dim
+        self.blocks = nn.Sequential(*(
+            Block(dim, mixer_cls(dim, heads, cfg.mixer_size[i], index=j, ec=cfg.ec, pos=cfg.mixer_pos),
+                  mlp_ratio=cfg.mlp_ratio, hdc=cfg.hdc, pc=cfg.pc, drop_path=drop_paths[j])
+            for j in range(cfg.depths[i])
+        ))
+
+    def forward(self, x):
+        x = self.downsample(x)  # (B, H, W, C)
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if pos.shape[1:3] != x.shape[1:3]:
+                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
+                                    align_corners=False).permute(0, 2, 3, 1)
+            x = x + pos
+        return self.blocks(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration and presets
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a network. Per-stage values are 4-tuples."""
+
+    mixer: str = "window"
+    dims: tuple = (64, 128, 256, 512)
+    depths: tuple = (2, 2, 18, 2)
+    head_dim: int = 32
+    mlp_ratio: int = 4
+    mixer_size: tuple = (7, 7, 7, 7)  # the mixer's extent per stage, see MIXER_SIZES
+    stem_stride: int = 4  # stride of the stem; the stages add 2, 2, 2: total 32 (ImageNet) or 16
+    img_size: int = 224  # the image size the layout is made for (absolute position embeddings)
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_path: float = 0.0  # stochastic depth, rising linearly from 0 to this over all blocks
+    conv_stem: bool = True  # the four UniNeXt ingredients; all off is the vanilla architecture
+    ec: bool = True
+    hdc: bool = True
+    pc: bool = True
+    mixer_pos: bool = False  # the mixer's original position encoding (on in vanilla)
+
+
+# The mixers' extent per stage. At 224x224 the stage grids are 56, 28, 14, 7: windows of 7 divide them all;
+# CSWin's stripes widen 1, 2, 7 and the last stage (one 7x7 grid) is one global branch (0); PVT's reduction
+# ratios 8, 4, 2, 1 bring every stage's keys to a 7x7 grid. These are the authors' settings.
+IMAGENET_SIZES = {
+    "pool": (3, 3, 3, 3), "conv": (7, 7, 7, 7), "window": (7, 7, 7, 7), "swin": (7, 7, 7, 7),
+    "cswin": (1, 2, 7, 0), "pvt": (8, 4, 2, 1), "global": (0, 0, 0, 0), "identity": (0, 0, 0, 0),
+}
+# At 32x32 with a stride-2 stem the grids are 16, 8, 4, 2. Windows of 4 give 16, 4 and 1 windows in the
+# first three stages (the last is global either way); swin shifts by 2. Stripes 1, 2, 2 keep CSWin's
+# "thin first, wide later" pattern on grids a quarter the size, and the last stage is global as at 224.
+# Reductions 4, 2, 1, 1 give keys on a 4x4, 4x4, 4x4 and 2x2 grid, PVT's "same small key grid everywhere".
+# A 7x7 conv is kept: it is ConvNeXt's kernel and covers most of a 16x16 grid.
+SMALL_SIZES = {
+    "pool": (3, 3, 3, 3), "conv": (7, 7, 7, 7), "window": (4, 4, 4, 4), "swin": (4, 4, 4, 4),
+    "cswin": (1, 2, 2, 0), "pvt": (4, 2, 1, 1), "global": (0, 0, 0, 0), "identity": (0, 0, 0, 0),
+}
+
+# Named sizes: a plain dict of Config fields, plus the table of mixer extents for their layout.
+# T, S, B are the paper's (224x224, 1000 classes, depths 2/2/18/2, head_dim 32).
+# T32 and N32 are for 32x32 images (CIFAR; Fashion-MNIST padded from 28). At 32x32 the ImageNet layout
+# leaves a 1x1 grid in its last stage and windows of 7 on an 8x8 grid, so these presets
+#   - use a stem of stride 2 (first conv stride 1): grids 16, 8, 4, 2, as fine as ImageNet's 56..7 are
+#     coarse relative to the object, and the same number of tokens per window as at 224 in stage 1;
+#   - cut the third stage from 18 to 6 blocks (T32) or 3 (N32): the data is 50x smaller than ImageNet and
+#     the 4x4 grid of stage 3 has little left to mix;
+#   - T32 keeps T's widths (11.5M parameters with `window`, like ResNet-18's 11.2M, the usual CIFAR
+#     baseline); N32 halves them and uses 16-dimensional heads (1.3M), to train on two CPU cores.
+PRESETS = {
+    "T": dict(dims=(64, 128, 256, 512), depths=(2, 2, 18, 2), sizes=IMAGENET_SIZES),
+    "S": dict(dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), sizes=IMAGENET_SIZES),
+    "B": dict(dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), sizes=IMAGENET_SIZES),
+    "T32": dict(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), sizes=SMALL_SIZES,
+                stem_stride=2, img_size=32, num_classes=100),
+    "N32": dict(dims=(32, 64, 128, 256), depths=(1, 1, 3, 1), head_dim=16, sizes=SMALL_SIZES,
+                stem_stride=2, img_size=32, num_classes=100),
+}
+
+# What `arch` sets; any of it can be overridden one ingredient at a time.
+ARCHS = {
+    "uninext": dict(conv_stem=True, ec=True, hdc=True, pc=True, mixer_pos=False),
+    "vanilla": dict(conv_stem=False, ec=False, hdc=False, pc=False, mixer_pos=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class UniNeXt(nn.Module):
+    """Stem -> four stages -> head (LayerNorm, global average pool, Linear). Takes (B, in_chans, H, W)
+    images; inside, one (B, H, W, C) layout throughout."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        stem = ConvStem if cfg.conv_stem else PatchEmbed
+        self.stem = stem(cfg.in_chans, cfg.dims[0], cfg.stem_stride)
+        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
+        starts = [sum(cfg.depths[:i]) for i in range(4)]
+        self.stages = nn.ModuleList(Stage(cfg, i, rates[starts[i]:starts[i] + cfg.depths[i]]) for i in range(4))
+        self.norm = nn.LayerNorm(cfg.dims[-1])
+        self.head = nn.Linear(cfg.dims[-1], cfg.num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def min_size(self):
+        """The smallest height and width the layout takes: one token in the last stage."""
+        return self.cfg.stem_stride * 8
+
+    def check_input(self, x):
+        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        if min(x.shape[2:]) < self.min_size:
+            raise ValueError(f"a {x.shape[2]}x{x.shape[3]} image is too small for this layout (total stride "
+                             f"{self.min_size}): height and width must be at least {self.min_size}")
+
+    def forward_features(self, x):
+        """(B, in_chans, H, W) -> the four stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 (2 to 16 for
+        the small-image presets), as channels_last NCHW views, for dense tasks."""
+        self.check_input(x)
+        x = self.stem(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x.permute(0, 3, 1, 2))
+        return features
+
+    def forward(self, x):
+        x = self.forward_features(x)[-1].permute(0, 2, 3, 1)  # (B, H/32, W/32, 8C)
+        return self.head(self.norm(x).mean(dim=(1, 2)))  # (B, num_classes)
+
+
+def create_model(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
+    """Build a network: `size` is one of PRESETS ("T", "S", "B" at 224x224; "T32", "N32" for 32x32 images),
+    `mixer` one of MIXERS, `arch` "uninext" or "vanilla". `overrides` set any Config field: the ingredient
+    switches `conv_stem`, `ec`, `hdc`, `pc`, `mixer_pos`, and `drop_path`, `in_chans`, `dims`, `depths`,
+    `mixer_size`, ... `mixer_pos` follows `ec` unless given: adding EC to the vanilla architecture replaces
+    the mixer's original position encoding, as in UniNeXt."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(PRESETS)}")
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; choose one of {', '.join(MIXERS)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    known = {f.name for f in fields(Config)} - {"mixer"}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}")
+    preset = dict(PRESETS[size])
+    sizes = preset.pop("sizes")
+    settings = {**preset, **ARCHS[arch], "mixer_size": sizes[mixer], "num_classes": num_classes}
+    if "ec" in overrides and "mixer_pos" not in overrides:
+        settings["mixer_pos"] = not overrides["ec"]
+    return UniNeXt(Config(mixer=mixer, **{**settings, **overrides}))
