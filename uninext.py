@@ -380,21 +380,16 @@ class CrossShapedWindowAttention(AttentionMixer):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.ec = nn.ModuleList(DWConv(dim // self.branches) for _ in range(self.branches)) if ec or pos else None
 
-    def stripe_shapes(self, Hp, Wp):
-        """(window height, window width) per branch: horizontal stripes, then vertical stripes."""
-        if self.branches == 1:
-            return [(Hp, Wp)]
-        return [(min(self.stripe, Hp), Wp), (Hp, min(self.stripe, Wp))]
-
     def forward(self, x):
         B, H, W, C = x.shape
-        step = min(self.stripe, H, W) if self.stripe else 1
-        qkv = pad_to_multiple(self.qkv(x), step, step)  # (B, Hp, Wp, 3C)
+        sh, sw = (min(self.stripe, H), min(self.stripe, W)) if self.stripe else (H, W)
+        qkv = pad_to_multiple(self.qkv(x), sh, sw)  # (B, Hp, Wp, 3C): padded keys are all-zero
         Hp, Wp = qkv.shape[1], qkv.shape[2]
         qkv = qkv.unflatten(-1, (3, self.branches, self.branch_heads, -1))  # (B, Hp, Wp, 3, branches, h, d)
+        stripes = [(sh, Wp), (Hp, sw)] if self.branches == 2 else [(Hp, Wp)]  # horizontal, vertical
         heads = self.branch_heads
         outs, maps = [], []
-        for b, (wh, ww) in enumerate(self.stripe_shapes(Hp, Wp)):
+        for b, (wh, ww) in enumerate(stripes):
             branch = qkv[:, :, :, :, b]  # (B, Hp, Wp, 3, h, d): this branch's half of the channels
             nW = (Hp // wh) * (Wp // ww)
             blocked = padding_blocked(H, W, Hp, Wp, wh, ww, device=x.device)
@@ -698,7 +693,8 @@ class UniNeXt(nn.Module):
         self.cfg = cfg
         stem = ConvStem if cfg.conv_stem else PatchEmbed
         self.stem = stem(cfg.in_chans, cfg.dims[0], cfg.stem_stride)
-        rates = torch.linspace(0, cfg.drop_path, sum(cfg.depths)).tolist()
+        n = sum(cfg.depths)
+        rates = [cfg.drop_path * i / max(n - 1, 1) for i in range(n)]  # linear from 0 to drop_path
         starts = [sum(cfg.depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(Stage(cfg, i, rates[starts[i]:starts[i] + cfg.depths[i]]) for i in range(4))
         self.norm = nn.LayerNorm(cfg.dims[-1])
