@@ -306,7 +306,7 @@ class WindowAttention(AttentionMixer):
         if sh or sw:  # Swin: roll the map so that the new windows straddle the old window borders
             qkv_p = torch.roll(qkv_p, shifts=(-sh, -sw), dims=(1, 2))
 
-        mask = self.attention_mask(H, W, Hp, Wp, wh, ww, sh, sw, x.device, x.dtype)
+        mask = self.attention_mask(H, W, Hp, Wp, wh, ww, sh, sw, x.device, qkv.dtype)  # bf16 under autocast
         out, probs = attention_in_windows(qkv_p.unflatten(-1, (3, self.num_heads, -1)), wh, ww, mask,
                                           manual=self.record is not None)
         if sh or sw:
@@ -393,7 +393,7 @@ class CrossShapedWindowAttention(AttentionMixer):
             branch = qkv[:, :, :, :, b]  # (B, Hp, Wp, 3, h, d): this branch's half of the channels
             nW = (Hp // wh) * (Wp // ww)
             blocked = padding_blocked(H, W, Hp, Wp, wh, ww, device=x.device)
-            mask = window_mask(blocked, None, nW, heads, wh * ww, x.dtype, x.device)
+            mask = window_mask(blocked, None, nW, heads, wh * ww, qkv.dtype, x.device)
             out, probs = attention_in_windows(branch, wh, ww, mask, manual=self.record is not None)
             if self.ec is not None:  # EC / LePE on V, each stripe convolved as its own little image
                 v = window_partition(branch[:, :, :, 2].flatten(-2), wh, ww)  # (B, nW, wh*ww, c)

@@ -337,3 +337,12 @@ def test_drop_path_rises_linearly_and_is_off_in_eval():
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), model(x))
+
+
+@pytest.mark.parametrize("mixer", ATTENTION_MIXERS)
+def test_masked_attention_runs_under_bf16_autocast(mixer):
+    """Vanilla position biases and padding masks are built in the dtype of q, so mixed precision works."""
+    model = small_model(mixer, "vanilla")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 36, 44))
+    assert torch.isfinite(logits.float()).all()
