@@ -668,9 +668,9 @@ PRESETS = {
     "S": dict(dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), sizes=IMAGENET_SIZES),
     "B": dict(dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), sizes=IMAGENET_SIZES),
     "T32": dict(dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), sizes=SMALL_SIZES,
-                stem_stride=2, img_size=32, num_classes=100),
+                stem_stride=2, img_size=32),
     "N32": dict(dims=(32, 64, 128, 256), depths=(1, 1, 3, 1), head_dim=16, sizes=SMALL_SIZES,
-                stem_stride=2, img_size=32, num_classes=100),
+                stem_stride=2, img_size=32),
 }
 
 # What `arch` sets; any of it can be overridden one ingredient at a time.

@@ -21,9 +21,8 @@ import uninext  # noqa: E402
 
 
 def params_and_gmacs(size, mixer, arch):
-    model = uninext.create_model(size, mixer, arch=arch, num_classes=uninext.PRESETS[size].get("num_classes", 1000))
-    model.eval()
-    img = model.cfg.img_size
+    img = uninext.PRESETS[size].get("img_size", 224)
+    model = uninext.create_model(size, mixer, arch=arch, num_classes=1000 if img == 224 else 100).eval()
     with torch.no_grad(), uninext.record_attention(model), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, img, img))
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() / 2e9
