@@ -1,0 +1,77 @@
+"""The README's speed tables, in Markdown, from the JSON files that bench.py writes.
+
+    python benchmarks/speed_table.py results/T_eager.json results/T_window_block.json
+
+Rows measured at spec section 7's setting (UniNeXt-T at 224x224, training batch 128, inference batch 256, on
+a GPU) are set beside the authors' numbers from that section, which were measured on an NVIDIA H200 with
+PyTorch 2.11: compare only when the device line above the table says H200 too. Rows at 32x32 get the time
+of one 50,000-image epoch (CIFAR's training set) at the measured training rate.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+# Spec section 7, the authors' released code: (train img/s, infer img/s, peak GiB in training).
+AUTHORS = {
+    ("window", "off"): (671, 1923, 17.9),
+    ("window", "compiled"): (1313, 4562, 12.3),
+    ("cswin", "off"): (597, 1830, 18.2),
+    ("conv", "off"): (633, 1912, 16.1),
+    ("pool", "off"): (714, 2015, 16.4),
+    ("pvt", "off"): (673, 1924, 19.0),
+}
+MODE_NAMES = {"off": "eager", "block": "compiled per block", "model": "compiled whole"}
+
+
+def at_anchor_setting(meta):
+    return (meta["size"], meta["img_size"], meta["batch"], meta["infer_batch"]) == ("T", 224, 128, 256) \
+        and meta["precision"] == "bf16 autocast"
+
+
+def num(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(result):
+    meta, rows = result["meta"], result["rows"]
+    anchors = at_anchor_setting(meta)
+    small = meta["img_size"] == 32
+    compiled = any(row["compile"] != "off" for row in rows)
+    lines = [f"{meta['device']}, torch {meta['torch']}, {meta['precision']}, {meta['threads']} threads"
+             f"{', ' + meta['backend'] + ' backend' if compiled else ''}; "
+             f"{meta['size']} at {meta['img_size']}x{meta['img_size']}, batch {meta['batch']} train / "
+             f"{meta['infer_batch']} infer, median of {meta['steps']} steps after {meta['warmup']}; {meta['date']}; "
+             f"code {meta.get('code', 'unknown')}; "
+             f"`{meta['command']}`", ""]
+    header = ["arch", "mixer", "mode", "train img/s", "infer img/s", "peak GiB", "compile s", "MFU"]
+    header += ["authors' train / infer img/s", "train speed-up"] if anchors else []
+    header += ["50k-image epoch s"] if small else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['arch']} | {row['mixer']} | {MODE_NAMES[row['compile']]} | "
+                         f"error: {row['error']} |" + " |" * (len(header) - 4))
+            continue
+        cells = [row["arch"], row["mixer"], MODE_NAMES[row["compile"]], num(row["train_img_s"], ",.0f"),
+                 num(row["infer_img_s"], ",.0f"), num(row.get("train_peak_gib"), ".1f"),
+                 num(row["train_compile_s"], ".0f") if row["compile"] != "off" else "-", num(row.get("mfu"), ".1%")]
+        if anchors:
+            authors = AUTHORS.get((row["mixer"], "off" if row["compile"] == "off" else "compiled"))
+            cells += [f"{authors[0]:,} / {authors[1]:,}", f"{row['train_img_s'] / authors[0]:.2f}x"] if authors \
+                else ["-", "-"]
+        if small:
+            cells.append(f"{50_000 / row['train_img_s']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    print("\n\n".join(markdown(json.loads(path.read_text())) for path in args.files))
+
+
+if __name__ == "__main__":
+    main()
