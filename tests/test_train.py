@@ -1,0 +1,347 @@
+"""train_minimal.py, as a specification: it learns real data, reads the real CIFAR files through torchvision,
+augments on the device as torchvision would, leaves a complete run folder, resumes exactly after Ctrl-C,
+trains the same with DistributedDataParallel, and answers bad input with a message and an exit code, never
+a traceback. All on the CPU with the N32 preset and a few hundred images; runs go through `main(argv)` in
+this process, and through a subprocess only where the process itself is the point (torchrun, exit codes)."""
+
+import csv
+import json
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from torchvision import datasets
+from torchvision.transforms.v2 import functional as TF
+
+import train_minimal as tm
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--size", "N32", "--device", "cpu", "--dataset", "synthetic", "--train-size", "128", "--batch-size", "32"]
+TIMING = {"img_per_s", "seconds"}  # the only metrics that may differ between two runs of the same thing
+
+
+def train(*argv):
+    """Run the command line in this process; return the summary."""
+    return tm.main([str(a) for a in argv])
+
+
+def cli(argv, capsys):
+    """Run a command line that must stop, in this process: (exit code, everything it printed)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train(*argv)
+    printed = capsys.readouterr()
+    return exit_info.value.code, printed.out + printed.err
+
+
+def metrics(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: on two shared cores, OpenMP threads that wait for each other at every barrier make these
+    small models up to ten times slower (measured here); a single thread never waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A complete tiny run: 3 epochs of 4 steps, tested after epochs 2 and 3."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(*TINY, "--epochs", "3", "--eval-every", "2", "--out", out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Learning real data
+
+
+@pytest.mark.skipif(not tm.DEBIAN_FASHION_MNIST.is_dir(),
+                    reason=f"needs Debian's dataset-fashion-mnist ({tm.DEBIAN_FASHION_MNIST}): "
+                           "apt-get install dataset-fashion-mnist")
+def test_n32_learns_fashion_mnist_far_above_chance_in_a_minute(tmp_path):
+    summary = train("--dataset", "fashion-mnist", "--size", "N32", "--device", "cpu", "--train-size", "2000",
+                    "--batch-size", "32", "--epochs", "2", "--eval-every", "0", "--out", tmp_path / "run")
+    # Chance is 10% (ten balanced classes), and so is a network that learned nothing or only the commonest
+    # class. These 124 steps on 2,000 images reached 64.4% on the full 10,000-image test set when this test
+    # was written (seed 0, PyTorch 2.14.1, x86 CPU); 50% leaves room for other platforms' rounding, and is
+    # five times chance.
+    assert summary["test_images"] == 10_000
+    assert summary["test_acc1"] > 50
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+def write_cifar(root, name, n_train, n_test):
+    """Random images in the python-pickle layout of the real CIFAR archives, under root/<base_folder>.
+    Returns the (N, 32, 32, 3) training images and their labels as written."""
+    cls, classes = (datasets.CIFAR10, 10) if name == "cifar10" else (datasets.CIFAR100, 100)
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def write(file, n):
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)  # rows of R, G, B planes, as CIFAR's
+        labels = rng.integers(0, classes, n).tolist()
+        with open(folder / file, "wb") as f:
+            pickle.dump({"data": data, label_key: labels, "filenames": [f"{i}.png" for i in range(n)]}, f)
+        return data, labels
+
+    train_files = [file for file, _ in cls.train_list]
+    written = [write(file, n_train // len(train_files)) for file in train_files]
+    write(cls.test_list[0][0], n_test)
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({cls.meta["key"]: [f"class {c}" for c in range(classes)]}, f)
+    images = np.concatenate([data for data, _ in written]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return torch.from_numpy(images.copy()), torch.tensor(sum((labels for _, labels in written), []))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_files_in_the_real_layout_are_read_through_torchvision_and_trained_on(name, tmp_path, monkeypatch):
+    images, labels = write_cifar(tmp_path / "data", name, n_train=100, n_test=40)
+    # torchvision checks every file against the md5 of the real one; with md5 None, check_integrity only
+    # asks that the file exists (torchvision.datasets.utils.check_integrity), so the small files pass.
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    for attribute in ["train_list", "test_list"]:
+        monkeypatch.setattr(cls, attribute, [[file, None] for file, _ in getattr(cls, attribute)])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": None})
+
+    args = tm.resolve(tm.build_parser().parse_args(["--dataset", name, "--data-dir", str(tmp_path / "data")]))
+    data = tm.load_data(args, torch.device("cpu"))
+    assert torch.equal(data.train_images, images)  # (N, 32, 32, 3): CIFAR's planes became channels_last
+    assert torch.equal(data.train_labels, labels)
+    assert (data.num_train, data.num_test, data.num_classes) == (100, 40, tm.SMALL_DATASETS[name])
+
+    summary = train("--dataset", name, "--data-dir", tmp_path / "data", "--size", "N32", "--device", "cpu",
+                    "--batch-size", "50", "--epochs", "1", "--out", tmp_path / "run")
+    assert summary["test_images"] == 40 and 0 <= summary["test_acc1"] <= 100
+
+
+def test_an_image_folder_is_read_by_dataloader_workers_and_trained_on(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in [("train", 8), ("val", 4)]:
+        for c in ["cat", "dog"]:
+            (tmp_path / "images" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)  # any size: cropped and resized
+                Image.fromarray(pixels).save(tmp_path / "images" / split / c / f"{i}.png")
+    summary = train("--dataset", "imagefolder", "--data-dir", tmp_path / "images", "--size", "N32", "--device",
+                    "cpu", "--batch-size", "4", "--epochs", "1", "--workers", "1", "--out", tmp_path / "run")
+    assert (summary["train_images"], summary["test_images"]) == (16, 8)
+    assert len(metrics(tmp_path / "run")) == 1
+
+
+def test_crop_flip_gives_each_image_its_own_crop_and_flip_exactly_as_torchvision():
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    shifts = torch.tensor([[0, 0], [8, 8], [3, 5], [8, 0], [1, 7], [4, 4]])
+    flips = torch.tensor([False, True, True, False, True, False])
+    batch = tm.crop_flip(images, shifts, flips, pad=4)
+    for image, (dy, dx), flip, result in zip(images, shifts.tolist(), flips, batch):
+        expected = TF.crop(TF.pad(image.permute(2, 0, 1), [4]), dy, dx, 32, 32)  # (C, H, W)
+        expected = TF.horizontal_flip(expected) if flip else expected
+        assert torch.equal(result.permute(2, 0, 1), expected)
+
+
+def test_train_size_takes_a_class_balanced_subset_that_no_seed_changes():
+    subsets = []
+    for seed in ["0", "1"]:
+        argv = ["--dataset", "synthetic", "--train-size", "95", "--seed", seed]
+        args = tm.resolve(tm.build_parser().parse_args(argv))
+        data = tm.load_data(args, torch.device("cpu"))
+        assert torch.bincount(data.train_labels, minlength=10).tolist() == [10] * 5 + [9] * 5  # 9 each, +1 for 5
+        subsets.append(data.train_images)
+    assert torch.equal(*subsets)
+
+
+def test_ingredient_switches_override_the_architecture_one_at_a_time():
+    args = tm.resolve(tm.build_parser().parse_args(["--size", "N32", "--arch", "vanilla", "--ec"]))
+    cfg = tm.build_model(args, num_classes=10, in_chans=1).cfg
+    assert (cfg.conv_stem, cfg.ec, cfg.hdc, cfg.pc, cfg.in_chans) == (False, True, False, False, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a run leaves, and resuming it
+
+
+def test_a_run_leaves_metrics_per_epoch_curves_checkpoints_and_a_summary(finished_run):
+    rows = metrics(finished_run)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert list(rows[0]) == tm.METRICS
+    assert rows[0]["test_acc1"] == "" and rows[1]["test_acc1"] and rows[2]["test_acc1"]  # --eval-every 2
+    assert all(float(r["img_per_s"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
+    assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ["last.pt", "best.pt"]:
+        checkpoint = torch.load(finished_run / name, weights_only=True)  # data only, no code
+        assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "config", "progress"} <= set(checkpoint)
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["test_acc1"] == float(rows[2]["test_acc1"])
+    assert summary["params"] > 1e6 and summary["seconds"] > 0 and summary["device"].startswith("cpu")
+    assert not list(finished_run.glob("*.tmp"))
+
+
+def test_eval_only_reproduces_the_final_test_accuracy_of_the_run(finished_run):
+    summary = train("--resume", finished_run, "--eval-only")
+    assert summary["test_acc1"] == float(metrics(finished_run)[-1]["test_acc1"])
+
+
+RESUMABLE = [*TINY, "--epochs", "2", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9"]  # every random state
+
+
+@pytest.fixture(scope="module")
+def never_stopped(tmp_path_factory):
+    out = tmp_path_factory.mktemp("never_stopped") / "run"
+    train(*RESUMABLE, "--out", out)
+    return out
+
+
+def interrupt_at(monkeypatch, epoch, step):
+    """Press Ctrl-C (a real SIGINT to this process) as step `step` (counted from 0) of `epoch` starts."""
+    batches = tm.TensorData.train_batches
+
+    def batches_with_ctrl_c(self, e, start=0):
+        for i, batch in enumerate(batches(self, e, start), start):
+            if (e, i) == (epoch, step):
+                signal.raise_signal(signal.SIGINT)
+            yield batch
+
+    monkeypatch.setattr(tm.TensorData, "train_batches", batches_with_ctrl_c)
+
+
+@pytest.mark.parametrize("epoch, step", [(2, 1), (1, 3)], ids=["mid-epoch", "end-of-epoch"])
+def test_ctrl_c_saves_and_the_resumed_run_ends_exactly_like_one_never_stopped(
+        epoch, step, never_stopped, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    interrupt_at(monkeypatch, epoch, step)
+    code, printed = cli([*RESUMABLE, "--out", out], capsys)
+    assert code == 130
+    assert f"python train_minimal.py --resume {out}" in printed
+    monkeypatch.undo()
+
+    train("--resume", out)  # the stored options are the defaults
+    stopped, reference = metrics(out), metrics(never_stopped)
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in stopped] == \
+           [{k: v for k, v in r.items() if k not in TIMING} for r in reference]
+    resumed, uninterrupted = (torch.load(run / "last.pt", weights_only=True) for run in (out, never_stopped))
+    for part in ["model", "ema"]:
+        assert all(torch.equal(resumed[part][k], uninterrupted[part][k]) for k in uninterrupted[part])
+
+
+def test_ddp_with_two_processes_trains_like_one_process_with_the_same_global_batch(tmp_path):
+    same = [*TINY, "--epochs", "1", "--drop-path", "0"]  # drop path draws its masks per process
+    one = train(*same, "--out", tmp_path / "one")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train_minimal.py", *same, "--out", str(tmp_path / "two")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["device"].startswith("2 x cpu")
+    assert run.stdout.count("done: test top-1") == 1  # only rank 0 reports
+    # Each process trains on its half of every batch and DDP averages the gradients: the same steps as one
+    # process, up to the order of floating-point sums; the metrics are reduced over both halves.
+    row_one, row_two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    for key in ["train_loss", "test_loss"]:
+        assert float(row_two[key]) == pytest.approx(float(row_one[key]), rel=1e-4)
+    assert abs(float(row_two["test_acc1"]) - float(row_one["test_acc1"])) <= 0.2  # one image in 1,000 may flip
+    assert two["test_images"] == one["test_images"] == 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: a message and an exit code, never a traceback, and nothing written before is lost
+
+
+@pytest.mark.parametrize("option, value, choices", [
+    ("--mixer", "convolution", list(tm.uninext.MIXERS)),
+    ("--dataset", "imagenet", tm.DATASETS),
+])
+def test_an_unknown_mixer_or_dataset_is_refused_with_the_choices(option, value, choices, capsys):
+    code, printed = cli([option, value], capsys)
+    assert code == 2
+    assert f"invalid choice: '{value}'" in printed and all(c in printed for c in choices)
+
+
+@pytest.mark.parametrize("name, folder", [("cifar100", "cifar-100-python"), ("fashion-mnist", "FashionMNIST")])
+def test_a_missing_dataset_that_cannot_be_downloaded_says_where_it_looked_and_what_to_do(
+        name, folder, tmp_path, monkeypatch, capsys):
+    def no_internet(*args, **kwargs):
+        raise URLError("no internet (this test)")
+
+    monkeypatch.setattr(datasets.cifar, "download_and_extract_archive", no_internet)
+    monkeypatch.setattr(datasets.mnist, "download_and_extract_archive", no_internet)
+    monkeypatch.setattr(tm, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    code, printed = cli(["--dataset", name, "--data-dir", tmp_path / "data", "--size", "N32", "--device", "cpu",
+                         "--out", tmp_path / "run"], capsys)
+    assert code == 2
+    assert str(tmp_path / "data" / folder) in printed and "--data-dir" in printed and "internet" in printed
+    if name == "fashion-mnist":
+        assert "apt-get install dataset-fashion-mnist" in printed
+
+
+def test_resuming_with_another_configuration_is_refused_and_changes_nothing(finished_run, tmp_path, capsys):
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    code, printed = cli(["--resume", run, "--mixer", "window"], capsys)
+    assert code == 2
+    assert "another configuration" in printed and "mixer 'window' (stored: 'conv')" in printed
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+
+
+def test_a_nan_loss_stops_the_run_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    batches = tm.TensorData.train_batches
+
+    def poisoned(self, epoch, start=0):  # corrupt data in the second batch of epoch 2
+        for i, (images, labels) in enumerate(batches(self, epoch, start), start):
+            yield (images * float("nan") if (epoch, i) == (2, 1) else images), labels
+
+    monkeypatch.setattr(tm.TensorData, "train_batches", poisoned)
+    code, printed = cli([*TINY, "--epochs", "3", "--out", tmp_path / "run"], capsys)
+    assert code == 3
+    assert "loss was nan at epoch 2, step 2 of 4" in printed and "end of epoch 1" in printed
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["progress"]["epoch"] == 2  # epoch 1 done
+    assert [r["epoch"] for r in metrics(tmp_path / "run")] == ["1"]
+
+
+def damage(finished_run, tmp_path, how):
+    """A copy of the finished run whose last.pt is cut short, or is some other file."""
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    last = run / "last.pt"
+    if how == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    elif how == "other tensors":
+        torch.save({"weights": torch.zeros(3)}, last)
+    else:
+        last.write_bytes(b"print('not a checkpoint')\n")
+    return run
+
+
+@pytest.mark.parametrize("how", ["truncated", "other tensors", "not even a torch file"])
+def test_a_corrupt_checkpoint_is_refused_and_best_pt_is_kept(how, finished_run, tmp_path, capsys):
+    run = damage(finished_run, tmp_path, how)
+    code, printed = cli(["--resume", run], capsys)
+    assert code == 2
+    assert f"{run / 'last.pt'} is corrupt or not a checkpoint" in printed and "best.pt" in printed
+    assert (run / "best.pt").read_bytes() == (finished_run / "best.pt").read_bytes()
+
+
+def test_the_command_line_reports_bad_input_in_one_line_with_exit_code_2_and_no_traceback(finished_run, tmp_path):
+    run = damage(finished_run, tmp_path, "truncated")
+    result = subprocess.run([sys.executable, "train_minimal.py", "--resume", str(run)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("train_minimal.py: error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr and result.stdout == ""
