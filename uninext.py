@@ -648,6 +648,9 @@ IMAGENET_SIZES = {
 # "thin first, wide later" pattern on grids a quarter the size, and the last stage is global as at 224.
 # Reductions 4, 2, 1, 1 give keys on a 4x4, 4x4, 4x4 and 2x2 grid, PVT's "same small key grid everywhere".
 # A 7x7 conv is kept: it is ConvNeXt's kernel and covers most of a 16x16 grid.
+# Beware: N32's first two stages have one block each, and swin shifts only odd blocks, so in N32 its one
+# shifted block sits in stage 3, whose 4x4 grid is a single window: N32 swin computes exactly what N32
+# window does. T32, with two blocks in every stage, shifts in all of them.
 SMALL_SIZES = {
     "pool": (3, 3, 3, 3), "conv": (7, 7, 7, 7), "window": (4, 4, 4, 4), "swin": (4, 4, 4, 4),
     "cswin": (1, 2, 2, 0), "pvt": (4, 2, 1, 1), "global": (0, 0, 0, 0), "identity": (0, 0, 0, 0),

@@ -346,3 +346,16 @@ def test_masked_attention_runs_under_bf16_autocast(mixer):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(torch.randn(2, 3, 36, 44))
     assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize("size, shifts", [("T32", True), ("N32", False)])
+def test_swin_differs_from_window_only_where_a_shifted_block_has_a_grid_larger_than_its_window(size, shifts):
+    """N32 has one block in stages 1 and 2, so its only shifted block is in stage 3, a single 4x4 window."""
+    x = torch.randn(2, 3, 32, 32)
+    outputs = []
+    for mixer in ["window", "swin"]:
+        torch.manual_seed(0)
+        model = uninext.create_model(size, mixer, num_classes=10).eval()
+        with torch.no_grad():
+            outputs.append(model(x))
+    assert (not torch.allclose(*outputs)) == shifts
