@@ -143,6 +143,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def measure(row, kind, step_fn, batch, args, device):
+    """Time step_fn and record, under `kind`_..., images/s (median step and wall clock), the step times, the
+    compile time (warm-up minus as many median steps), images per CPU-second and peak GPU memory."""
+    warm, timed, wall, cpu = time_steps(step_fn, args.warmup, args.steps, device)
+    step = statistics.median(timed)
+    row.update({f"{kind}_img_s": batch / step, f"{kind}_wall_img_s": batch * args.steps / wall,
+                f"{kind}_step_ms": [1e3 * t for t in timed], f"{kind}_compile_s": sum(warm) - len(warm) * step})
+    if cpu:
+        row[f"{kind}_img_per_cpu_s"] = batch / statistics.median(cpu)
+    row[f"{kind}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
 def time_steps(step, warmup, steps, device):
     """Run `step` warmup + steps times. Returns the seconds of each warm-up step, of each timed step, of all
     timed steps together (wall clock), and on the CPU the process CPU seconds of each timed step."""
@@ -217,13 +229,7 @@ def run_row(args, mixer, arch, mode, device):
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    warm, timed, wall, cpu = time_steps(train_step, args.warmup, args.steps, device)
-    step = statistics.median(timed)
-    row.update(train_img_s=args.batch / step, train_wall_img_s=args.batch * args.steps / wall,
-               train_step_ms=[1e3 * t for t in timed], train_compile_s=sum(warm) - len(warm) * step)
-    if cpu:
-        row["train_img_per_cpu_s"] = args.batch / statistics.median(cpu)
-    row["train_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    measure(row, "train", train_step, args.batch, args, device)
 
     del optimizer, x, labels
     xi = images(args.infer_batch, args.img_size, device)
@@ -236,13 +242,7 @@ def run_row(args, mixer, arch, mode, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    warm, timed, wall, cpu = time_steps(infer_step, args.warmup, args.steps, device)
-    step = statistics.median(timed)
-    row.update(infer_img_s=args.infer_batch / step, infer_wall_img_s=args.infer_batch * args.steps / wall,
-               infer_step_ms=[1e3 * t for t in timed], infer_compile_s=sum(warm) - len(warm) * step)
-    if cpu:
-        row["infer_img_per_cpu_s"] = args.infer_batch / statistics.median(cpu)
-    row["infer_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    measure(row, "infer", infer_step, args.infer_batch, args, device)
     if device.type == "cuda" and "flops_train" in row:
         row["mfu"] = row["flops_train"] * row["train_img_s"] / (args.peak_tflops * 1e12)
     return row
