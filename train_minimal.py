@@ -1,38 +1,49 @@
 """
 Train UniNeXt from scratch, on small images or on an ImageNet-style folder, on a CPU, one GPU or several.
 
-    python train_minimal.py --mixer conv --dataset cifar100          # T32, 100 epochs: the intended use (GPU)
+    python train_minimal.py --mixer conv --dataset cifar100          # on a GPU: T32, 100 epochs (the intended use)
+    python train_minimal.py --mixer window --dataset fashion-mnist   # on a CPU: N32, 2 epochs, ~10 CPU-minutes
     python train_minimal.py --mixer window --arch vanilla --dataset cifar10
-    python train_minimal.py --dataset fashion-mnist --size N32 --epochs 1           # 1 CPU thread: 80.9%, 6 min
-    python train_minimal.py --dataset fashion-mnist --size N32 --train-size 6000 --epochs 10 --eval-every 0
-                                                                            # 1 CPU thread: 81.1%, 7 min
-    python train_minimal.py --dataset synthetic --size N32 --epochs 1 --train-size 512    # offline smoke run
+    python train_minimal.py --model cnn --dataset fashion-mnist      # a baseline, through the same harness
+    python train_minimal.py --dataset synthetic --epochs 1 --train-size 512    # offline smoke run
     python train_minimal.py --resume runs/cifar100-conv-uninext      # continue a stopped run where it stopped
     python train_minimal.py --resume runs/cifar100-conv-uninext --eval-only
     torchrun --nproc_per_node=4 train_minimal.py --dataset cifar100  # DistributedDataParallel, same steps
     python train_minimal.py --dataset imagefolder --data-dir ~/imagenet --epochs 300 --batch-size 1024
 
-The recipe is made for 5k-50k images of 32x32; the ImageNet one (spec section 8) is made for 1.3M images
-and 300 epochs. The small-image presets (T32, N32: a stride-2 stem, windows that divide the grids) do the
-first part of the work; around them:
-    AdamW, lr 1e-3 at batch 128 (the global batch, so any number of GPUs takes the same steps), weight
-        decay 0.05 on weight matrices and kernels only. (1e-3 at batch 1024 is also the authors' ImageNet
-        rate, 5e-4 per 512 images, for imagefolder.)
+Two budgets, picked by the device. On a GPU the defaults train the intended model for as long as it deserves
+(T32, 100 epochs, batch 128, lr 1e-3, random crop, drop path 0.1). On a CPU they give a run a person waits
+for: the small N32 preset, 2 epochs at batch 64 and lr 2e-3, flip only, no drop path; on Fashion-MNIST that
+is about ten CPU-minutes (README lists what each budget reaches). Any option given overrides its default.
+The recipe around that, for 5k-60k images of 32x32 (the ImageNet one is made for 1.3M images and 300
+epochs):
+    AdamW, weight decay 0.05 on weight matrices and kernels only; --batch-size is the global batch, so any
+        number of GPUs takes the same steps. (1e-3 at batch 1024 is the authors' ImageNet rate, 5e-4 per
+        512 images, for imagefolder.)
+    every residual branch's last layer starts at zero (--zero-init-residual): each block starts as the
+        identity and grows in, which trains faster in short runs; an initialisation, not an architecture
+        change (the parameters are the authors')
     linear warm-up over the first 5% of the steps, then cosine decay to zero (LinearLR + CosineAnnealingLR):
         LayerNorm and attention networks stall or diverge when they start at full rate
-    label smoothing 0.1 and drop path 0.1, the cheap regularisers of DeiT and Swin
-    random crop (4 pixels of zero padding) and horizontal flip, the standard for CIFAR and Fashion-MNIST
-Measured here (Fashion-MNIST, 6,000 training images, N32 conv, 10 epochs, seed 0, the full test set):
-    lr 1e-3: 81.13%, lr 2e-3: 80.95%, + weight EMA 0.99: 80.90%, + Mixup 0.8 / CutMix 1.0: 75.73%
-so the EMA (--ema) and Mixup/CutMix (--mixup, --cutmix) are off: they did not pay in short runs. DeiT-style
-recipes use them over hundreds of epochs, where they may; that was not measured here.
+    label smoothing 0.1; drop path and the random crop (4 pixels of zero padding) only for long runs: in
+        runs of a few epochs the model underfits, and augmentation only slows it down
+    horizontal flip, the standard for CIFAR and Fashion-MNIST
+The evidence for each of these (what was predicted, what was measured) is in results/recipe_notes.md. The
+weight EMA (--ema) and Mixup/CutMix (--mixup, --cutmix) are off: in short runs they cost accuracy; DeiT-style
+recipes use them over hundreds of epochs.
+
+Cost. Every run reports its training time twice: wall seconds, and the CPU-seconds its process spent
+training (`cpu_seconds`), which other jobs on a shared machine do not inflate. With one thread
+(OMP_NUM_THREADS=1) that is what one idle core would take; compare runs by it. After the first steps the
+run says what the whole of it will cost.
 
 Speed. CIFAR and Fashion-MNIST live on the device as uint8 tensors and are cropped and flipped there, a
 whole batch at once (`crop_flip`), so a GPU never waits on Colab's two CPU cores. On a CUDA GPU the model
 runs in bf16 autocast (fp16 with a GradScaler where bf16 is missing), `--compile` adds torch.compile.
 imagefolder reads JPEGs through a DataLoader with --workers processes and torchvision.transforms.v2.
 
-A run leaves in --out (default runs/<dataset>-<mixer>-<arch>): metrics.csv (a row per epoch), curves.png,
+A run leaves in --out (default runs/<dataset>-<mixer>-<arch>, or runs/<dataset>-<model> for a baseline):
+metrics.csv (a row per epoch), steps.csv (the training loss and accuracy every few steps), curves.png,
 last.pt and best.pt (everything needed to continue exactly: model, optimiser, schedule, grad scaler, EMA,
 all random states, the configuration; plain tensors and dicts, loaded with weights_only=True) and
 summary.json. best.pt is chosen on the test set, so its accuracy is optimistic: report the last epoch's.
@@ -66,6 +77,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
+import torchvision
 from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
@@ -74,6 +86,12 @@ import uninext
 
 SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "synthetic": 10}  # name: classes
 DATASETS = [*SMALL_DATASETS, "imagefolder"]
+MODELS = ["uninext", "linear", "cnn", "resnet18"]
+# Defaults that depend on the device. A GPU trains the intended model for as long as it deserves; a CPU gets a
+# run a person waits for: the small preset and about ten CPU-minutes on Fashion-MNIST or CIFAR (see README).
+GPU_DEFAULTS = {"size": "T32", "epochs": 100, "batch_size": 128, "lr": 1e-3, "crop": 4, "drop_path": 0.1}
+CPU_DEFAULTS = {"size": "N32", "epochs": 2, "batch_size": 64, "lr": 2e-3, "crop": 0, "drop_path": 0.0}
+SHORT_RUN = "--size N32 --epochs 2 --batch-size 64"
 INGREDIENTS = {  # the switches of uninext.create_model, each on or off as --arch says unless given
     "conv_stem": "UniNeXt's conv stem (off: a patch embedding)",
     "ec": "EC, the Embedded Convolution beside the mixer",
@@ -82,7 +100,6 @@ INGREDIENTS = {  # the switches of uninext.create_model, each on or off as --arc
     "mixer_pos": "the position encoding of the mixer's own paper",
 }
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
-PAD = 4  # pixels of zero padding around the random crop
 LOG_EVERY = 20  # steps between progress updates and NaN checks (each syncs with the GPU and other processes)
 # Options that may differ when a run is resumed: where and how it runs, not what it computes.
 RUNTIME_OPTIONS = {"resume", "out", "data_dir", "eval_only", "eval_every", "device", "amp", "compile", "workers"}
@@ -104,6 +121,9 @@ def build_parser():
     p = argparse.ArgumentParser(prog="train_minimal.py",
                                 description="Train UniNeXt from scratch (see the docstring of train_minimal.py).")
     model = p.add_argument_group("model")
+    model.add_argument("--model", default="uninext", choices=MODELS,
+                       help="UniNeXt, or a baseline to read its numbers against: logistic regression on the "
+                            "pixels, a 0.14M-parameter CNN, ResNet-18 (default: %(default)s)")
     model.add_argument("--mixer", default="conv", choices=list(uninext.MIXERS),
                        help="spatial token mixer (default: %(default)s)")
     model.add_argument("--arch", default="uninext", choices=list(uninext.ARCHS),
@@ -113,7 +133,9 @@ def build_parser():
     for name, what in INGREDIENTS.items():
         model.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                            help=f"{what} (default: as --arch says)")
-    model.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate (default: %(default)s)")
+    model.add_argument("--drop-path", type=float,
+                       help=f"stochastic depth rate (default: {GPU_DEFAULTS['drop_path']} on a GPU, "
+                            f"{CPU_DEFAULTS['drop_path']} on a CPU)")
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="cifar100", choices=DATASETS, help="(default: %(default)s)")
@@ -126,13 +148,23 @@ def build_parser():
                       help="DataLoader processes, imagefolder only (default: %(default)s)")
 
     recipe = p.add_argument_group("recipe")
-    recipe.add_argument("--epochs", type=int, default=100, help="(default: %(default)s)")
-    recipe.add_argument("--batch-size", type=int, default=128,
-                        help="images per step over all processes (default: %(default)s)")
-    recipe.add_argument("--lr", type=float, default=1e-3, help="AdamW's peak learning rate (default: %(default)s)")
+    recipe.add_argument("--epochs", type=int,
+                        help=f"(default: {GPU_DEFAULTS['epochs']} on a GPU, {CPU_DEFAULTS['epochs']} on a CPU)")
+    recipe.add_argument("--batch-size", type=int,
+                        help=f"images per step over all processes (default: {GPU_DEFAULTS['batch_size']} on a "
+                             f"GPU, {CPU_DEFAULTS['batch_size']} on a CPU)")
+    recipe.add_argument("--lr", type=float, help=f"AdamW's peak learning rate (default: {GPU_DEFAULTS['lr']} on a "
+                                                 f"GPU, {CPU_DEFAULTS['lr']} on a CPU)")
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="(default: %(default)s)")
     recipe.add_argument("--warmup", type=float, default=0.05,
                         help="fraction of the steps spent warming up linearly (default: %(default)s)")
+    recipe.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
+                        help="start every UniNeXt block as the identity: zero the last layer of each residual "
+                             "branch (default: %(default)s)")
+    recipe.add_argument("--crop", type=int, metavar="PIXELS",
+                        help=f"random crop of the image zero-padded by PIXELS on every side, 0 = none (flip only; "
+                             f"32x32 datasets) (default: {GPU_DEFAULTS['crop']} on a GPU, {CPU_DEFAULTS['crop']} on "
+                             f"a CPU)")
     recipe.add_argument("--label-smoothing", type=float, default=0.1, help="(default: %(default)s)")
     recipe.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                         help="Mixup with Beta(ALPHA, ALPHA), 0 = off; with --cutmix too, each batch gets one "
@@ -162,14 +194,24 @@ def build_parser():
 def resolve(args):
     """A copy of `args` with the defaults that depend on other options filled in, checked."""
     args = argparse.Namespace(**vars(args))
-    if args.size is None:
-        args.size = "T" if args.dataset == "imagefolder" else "T32"
+    uninext_only = [f"--{k.replace('_', '-')}" for k in ["size", *INGREDIENTS] if getattr(args, k) is not None]
+    if args.model != "uninext" and uninext_only:
+        raise UsageError(f"{', '.join(uninext_only)}: for --model uninext only; --model {args.model} is a fixed "
+                         f"baseline, so drop {'it' if len(uninext_only) == 1 else 'them'}")
+    defaults = CPU_DEFAULTS if pick_device(args.device, 0).type == "cpu" else GPU_DEFAULTS
+    if args.dataset == "imagefolder":
+        defaults = {**defaults, "size": "T"}
+    for name, value in defaults.items():
+        if getattr(args, name) is None and (name != "size" or args.model == "uninext"):
+            setattr(args, name, value)
     if args.out is None:
-        args.out = args.resume or f"runs/{args.dataset}-{args.mixer}-{args.arch}"
+        name = f"{args.mixer}-{args.arch}" if args.model == "uninext" else args.model
+        args.out = args.resume or f"runs/{args.dataset}-{name}"
     problems = [message for bad, message in [
         (args.epochs < 1, "--epochs must be at least 1"),
         (args.batch_size < 1, "--batch-size must be at least 1"),
         (args.lr <= 0, "--lr must be positive"),
+        (args.crop < 0, "--crop is a padding in pixels, 0 or more"),
         (not 0 <= args.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
         (not 0 <= args.ema < 1, "--ema is a decay in [0, 1), 0 = off"),
         (args.eval_every < 0, "--eval-every must be 0 or more"),
@@ -331,7 +373,7 @@ def epoch_generator(args, epoch):
     return torch.Generator().manual_seed(args.seed * 10_000 + epoch)
 
 
-def crop_flip(images, shifts, flips, pad=PAD):
+def crop_flip(images, shifts, flips, pad):
     """Random crop with zero padding and horizontal flip, for a whole batch in one gather, each image with its
     own offsets: images (B, H, W, C) uint8, shifts (B, 2) in [0, 2 * pad], flips (B,) bool. The same as
     padding each image, cropping H x W at (shifts) and mirroring where flipped (tested against torchvision)."""
@@ -357,7 +399,7 @@ class TensorData:
     def __init__(self, train, test, num_classes, args, device, rank, world):
         (self.train_images, self.train_labels), (self.test_images, self.test_labels) = (
             (images.to(device), labels.to(device)) for images, labels in (train, test))
-        self.num_classes, self.in_chans = num_classes, self.train_images.shape[-1]
+        self.num_classes, (self.img_size, self.in_chans) = num_classes, self.train_images.shape[2:]
         self.num_train, self.num_test = len(self.train_labels), len(self.test_labels)
         pixels = self.train_images.flatten(0, 2).float()  # (N*H*W, C)
         self.mean, self.std = pixels.mean(0), pixels.std(0)
@@ -370,11 +412,11 @@ class TensorData:
         flipped, as (float images (B, C, H, W), labels (B,))."""
         g = epoch_generator(self.args, epoch)
         order = epoch_order(self.num_train, self.args.batch_size, g)  # (steps, batch_size)
-        shifts = torch.randint(0, 2 * PAD + 1, (self.num_train, 2), generator=g).to(self.device)
+        shifts = torch.randint(0, 2 * self.args.crop + 1, (self.num_train, 2), generator=g).to(self.device)
         flips = (torch.rand(self.num_train, generator=g) < 0.5).to(self.device)
         mine = order[start:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch].to(self.device)
         for ids in mine:
-            images = crop_flip(self.train_images[ids], shifts[ids], flips[ids])
+            images = crop_flip(self.train_images[ids], shifts[ids], flips[ids], self.args.crop)
             yield to_model_input(images, self.mean, self.std), self.train_labels[ids]
 
     def test_batches(self):
@@ -394,7 +436,7 @@ class FolderData:
         if not ((root / "train").is_dir() and (root / "val").is_dir()):
             raise UsageError(f"imagefolder reads {root}/train/<class>/<image> and {root}/val/<class>/<image>, "
                              f"and {root} has no train/ and val/: point --data-dir at such a folder")
-        size = uninext.PRESETS[args.size].get("img_size", uninext.Config.img_size)
+        size = uninext.PRESETS[args.size or "T"].get("img_size", uninext.Config.img_size)
         train_tf = v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), v2.RandAugment(),
                                v2.PILToTensor()])
         test_tf = v2.Compose([v2.Resize(size * 8 // 7), v2.CenterCrop(size), v2.PILToTensor()])
@@ -403,7 +445,7 @@ class FolderData:
             self.test_set = datasets.ImageFolder(root / "val", transform=test_tf)
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"cannot read the image folders in {root}: {e}") from None
-        self.num_classes, self.in_chans = len(self.train_set.classes), 3
+        self.num_classes, self.in_chans, self.img_size = len(self.train_set.classes), 3, size
         self.num_train, self.num_test = len(self.train_set), len(self.test_set)
         self.mean = torch.tensor([0.485, 0.456, 0.406], device=device) * 255  # ImageNet's statistics
         self.std = torch.tensor([0.229, 0.224, 0.225], device=device) * 255
@@ -435,11 +477,40 @@ class FolderData:
 # Model
 
 
-def build_model(args, num_classes, in_chans):
-    """The UniNeXt (or vanilla) network that args describe, for `num_classes` classes and `in_chans` channels."""
+def build_model(args, num_classes, in_chans, img_size=32):
+    """The network that args describe, for `num_classes` classes and (in_chans, img_size, img_size) images:
+    UniNeXt (or vanilla), or one of the three baselines that every UniNeXt number should be read against."""
+    if args.model == "linear":  # logistic regression on the standardised pixels
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_chans * img_size ** 2, num_classes))
+    if args.model == "cnn":  # five conv-BN-ReLU layers, 0.14M parameters: what a CPU trains in minutes
+        def conv_bn_relu(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        return nn.Sequential(*conv_bn_relu(in_chans, 32), *conv_bn_relu(32, 32), nn.MaxPool2d(2),
+                             *conv_bn_relu(32, 64), *conv_bn_relu(64, 64), nn.MaxPool2d(2),
+                             *conv_bn_relu(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+    if args.model == "resnet18":  # torchvision's, with the usual 32x32 stem: a 3x3 stride-1 conv, no max-pool
+        net = torchvision.models.resnet18(num_classes=num_classes)
+        net.conv1, net.maxpool = nn.Conv2d(in_chans, 64, 3, padding=1, bias=False), nn.Identity()
+        return net
     switches = {name: getattr(args, name) for name in INGREDIENTS if getattr(args, name) is not None}
-    return uninext.create_model(args.size, args.mixer, num_classes=num_classes, arch=args.arch,
-                                in_chans=in_chans, drop_path=args.drop_path, **switches)
+    model = uninext.create_model(args.size, args.mixer, num_classes=num_classes, arch=args.arch,
+                                 in_chans=in_chans, drop_path=args.drop_path, **switches)
+    if args.zero_init_residual:
+        zero_init_residual(model)
+    return model
+
+
+def zero_init_residual(model):
+    """Zero the last layer of every residual branch (the mixer's Proj, the MLP's fc2, the PC conv), so that
+    each block starts as the identity and the network as its stem and head; the branches grow in as they
+    learn. An initialisation, as torchvision's `zero_init_residual` for ResNets: the architecture and its
+    parameters are unchanged."""
+    for block in model.modules():
+        if isinstance(block, uninext.Block):
+            for layer in (block.proj, block.mlp.fc2, block.pc):
+                if layer is not None:
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -507,7 +578,7 @@ def run(args, checkpoint, rank, world, device):
     data = load_data(args, device, rank, world)
     if data.steps_per_epoch == 0:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {data.num_train} training images")
-    model = build_model(args, data.num_classes, data.in_chans).to(device)
+    model = build_model(args, data.num_classes, data.in_chans, data.img_size).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, args, device)
     scheduler = build_scheduler(optimizer, args, data.steps_per_epoch)
@@ -521,7 +592,7 @@ def run(args, checkpoint, rank, world, device):
 
     # Where the run stands: the next epoch and step, the metrics so far, the best test accuracy, and the
     # accumulators of an epoch that was stopped half way.
-    progress = {"epoch": 1, "step": 0, "history": [], "best": None, "partial": None}
+    progress = {"epoch": 1, "step": 0, "history": [], "log": [], "best": None, "partial": None}
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress)
     judged = ema.module if ema else model  # the weights that are tested and reported
@@ -538,8 +609,9 @@ def run(args, checkpoint, rank, world, device):
         step_model = DistributedDataParallel(step_model, device_ids=[device] if device.type == "cuda" else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"{args.dataset}: {data.num_train:,} training and {data.num_test:,} test images | {args.size} "
-              f"{args.mixer} {args.arch}, {n_params / 1e6:.2f}M parameters | {device_name(device, world)}, "
+        name = f"{args.size} {args.mixer} {args.arch}" if args.model == "uninext" else args.model
+        print(f"{args.dataset}: {data.num_train:,} training and {data.num_test:,} test images | {name}, "
+              f"{n_params / 1e6:.2f}M parameters | {device_name(device, world)}, "
               f"amp {amp}{', compiled' if args.compile else ''} | {out}")
 
     def save():
@@ -547,19 +619,24 @@ def run(args, checkpoint, rank, world, device):
             save_checkpoint(out / "last.pt", args, model, optimizer, scheduler, scaler, ema, progress, data)
 
     steps = data.steps_per_epoch
+    estimated = False  # the cost of the whole run is estimated once, after the first steps
     with stop_on_ctrl_c() as interrupt:
         for epoch in range(progress["epoch"], args.epochs + 1):
-            # Accumulators on the device, so that a step never waits for the GPU: the loss of every step,
-            # the correct guesses, the training seconds. A run resumed inside this epoch gets them back.
-            losses, hits, train_seconds = torch.zeros(steps, device=device), torch.zeros((), device=device), 0.0
+            # Accumulators on the device, so that a step never waits for the GPU: the loss and the correct
+            # guesses of every step. Time is counted twice: wall seconds, and the CPU-seconds this process
+            # spent, which other jobs on a shared machine do not inflate. A run resumed inside this epoch
+            # gets them back.
+            losses, hits = torch.zeros(steps, device=device), torch.zeros(steps, device=device)
+            train_seconds = train_cpu = 0.0
             start = progress["step"] if epoch == progress["epoch"] else 0
             if start:
                 losses[:start] = progress["partial"]["losses"].to(device)
-                hits = progress["partial"]["hits"].to(device)
-                train_seconds = progress["partial"]["seconds"]
+                hits[:start] = progress["partial"]["hits"].to(device)
+                train_seconds, train_cpu = progress["partial"]["seconds"], progress["partial"]["cpu_seconds"]
+            cpu_before = sum(r["cpu_seconds"] for r in progress["history"])  # earlier epochs
             bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{args.epochs}", unit="step",
                        disable=rank != 0, leave=False, dynamic_ncols=True)
-            tick = time.perf_counter()
+            tick, cpu_tick = time.perf_counter(), time.process_time()
             for step, (images, labels) in enumerate(data.train_batches(epoch, start), start):
                 targets = labels
                 if mixing is not None:
@@ -576,10 +653,11 @@ def run(args, checkpoint, rank, world, device):
                 if ema is not None:
                     ema.update_parameters(model)
                 losses[step] = loss.detach()
-                hits += (logits.argmax(1) == labels).sum()
+                hits[step] = (logits.argmax(1) == labels).sum()
                 bar.update()
+                log_now = (step + 1) % LOG_EVERY == 0 or step + 1 == steps
                 alone_and_stopped = world == 1 and interrupt["requested"]  # several processes must agree first
-                if (step + 1) % LOG_EVERY and step + 1 < steps and not alone_and_stopped:
+                if not log_now and not alone_and_stopped:
                     continue
 
                 # Every LOG_EVERY steps and at the end of the epoch, on every process at the same step: one
@@ -592,29 +670,44 @@ def run(args, checkpoint, rank, world, device):
                     raise Diverged(f"the training loss was {seen[s].item()} at epoch {epoch}, step {s + 1} of "
                                    f"{steps} (step {(epoch - 1) * steps + s + 1} of the run), so the run stopped; "
                                    f"{describe_last(progress, out)} Try a lower --lr, or --amp bf16 or off.")
-                now = time.perf_counter()
+                now, cpu_now = time.perf_counter(), time.process_time()
+                cpu_run = cpu_before + train_cpu + cpu_now - cpu_tick
+                if log_now:  # the mean loss and accuracy of the last LOG_EVERY steps, for curves within an epoch
+                    first = step - step % LOG_EVERY
+                    progress["log"].append({
+                        "step": (epoch - 1) * steps + step + 1, "epoch": round(epoch - 1 + (step + 1) / steps, 4),
+                        "lr": lr, "train_loss": seen[first:].mean().item(),
+                        "train_acc1": 100 * all_sum(hits[first:step + 1]).sum().item() / (
+                            (step + 1 - first) * args.batch_size),
+                        "cpu_seconds": round(cpu_run, 2)})
                 bar.set_postfix(loss=f"{seen.mean().item():.3f}",
-                                acc=f"{100 * all_sum(hits).item() / ((step + 1) * args.batch_size):.1f}%",
-                                img_s=f"{(step + 1 - start) * args.batch_size / (now - tick):,.0f}")
+                                acc=f"{100 * all_sum(hits).sum().item() / ((step + 1) * args.batch_size):.1f}%",
+                                img_s=f"{(step + 1 - start) * args.batch_size / (now - tick):,.0f}",
+                                cpu=f"{cpu_run / 60:.1f} min")
+                if rank == 0 and not estimated and step + 1 - start >= 2 * LOG_EVERY:
+                    estimated = True
+                    tqdm.write(estimate(args, device, steps, (epoch - 1) * steps + step + 1,
+                                        (now - tick) / (step + 1 - start), (cpu_now - cpu_tick) / (step + 1 - start)))
                 if anyone(interrupt["requested"], device) and step + 1 < steps:
                     bar.close()
-                    partial = {"losses": losses[:step + 1].cpu(), "hits": hits.cpu(),
-                               "seconds": train_seconds + now - tick}
+                    partial = {"losses": losses[:step + 1].cpu(), "hits": hits[:step + 1].cpu(),
+                               "seconds": train_seconds + now - tick, "cpu_seconds": train_cpu + cpu_now - cpu_tick}
                     progress.update(epoch=epoch, step=step + 1, partial=partial)
                     save()
                     raise KeyboardInterrupt(stopped_message(out, f"epoch {epoch}, step {step + 1} of {steps}"))
             bar.close()
             train_seconds += time.perf_counter() - tick
+            train_cpu += time.process_time() - cpu_tick
 
             tick = time.perf_counter()
             test_loss = test_acc1 = None
             if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
                 test_loss, test_acc1 = evaluate(judged, data, autocast)
             row = {"epoch": epoch, "lr": lr, "train_loss": (all_sum(losses) / world).mean().item(),
-                   "train_acc1": 100 * all_sum(hits).item() / (steps * args.batch_size),
+                   "train_acc1": 100 * all_sum(hits).sum().item() / (steps * args.batch_size),
                    "test_loss": test_loss, "test_acc1": test_acc1,
                    "img_per_s": steps * args.batch_size / train_seconds,
-                   "seconds": train_seconds + time.perf_counter() - tick}
+                   "seconds": train_seconds + time.perf_counter() - tick, "cpu_seconds": train_cpu}
             progress["history"].append(row)
             progress.update(epoch=epoch + 1, step=0, partial=None)
             best = progress["best"]
@@ -625,8 +718,9 @@ def run(args, checkpoint, rank, world, device):
             if rank == 0:
                 if improved:
                     copy_atomically(out / "last.pt", out / "best.pt")
-                write_metrics(out, progress["history"])
-                plot_curves(out, progress["history"])
+                write_csv(out / "metrics.csv", METRICS, progress["history"])
+                write_csv(out / "steps.csv", STEP_METRICS, progress["log"])
+                plot_curves(out, progress["history"], progress["log"])
                 print(describe_epoch(row, args.epochs, progress["history"]))
             if anyone(interrupt["requested"], device) and epoch < args.epochs:
                 raise KeyboardInterrupt(stopped_message(out, f"the end of epoch {epoch}"))
@@ -686,9 +780,21 @@ def device_name(device, world):
 def describe_epoch(row, epochs, history):
     test = "" if row["test_acc1"] is None else f" | test loss {row['test_loss']:.3f} top-1 {row['test_acc1']:.2f}%"
     left = (epochs - row["epoch"]) * sum(r["seconds"] for r in history) / len(history)
+    cpu = sum(r["cpu_seconds"] for r in history)
     return (f"epoch {row['epoch']}/{epochs} | lr {row['lr']:.2e} | train loss {row['train_loss']:.3f} "
             f"top-1 {row['train_acc1']:.2f}%{test} | {row['img_per_s']:,.0f} img/s | {row['seconds']:.1f} s"
-            f" | {left / 60:.1f} min left")
+            f" | {cpu / 60:.1f} CPU-min of training so far | {left / 60:.1f} min left")
+
+
+def estimate(args, device, steps_per_epoch, done, seconds_per_step, cpu_per_step):
+    """What the whole run will cost at the speed of its first steps, said once near the start."""
+    left = args.epochs * steps_per_epoch - done
+    text = (f"the whole run, {args.epochs} x {steps_per_epoch:,} steps: about {left * seconds_per_step / 60:,.1f} "
+            f"min more ({left * cpu_per_step / 60:,.1f} CPU-min) at the speed of the first steps")
+    if device.type == "cpu" and left * seconds_per_step > 3600:
+        text += (f". That is long for a CPU: {SHORT_RUN} trains for about ten CPU-minutes; Ctrl-C stops "
+                 f"this run and --resume continues it")
+    return text
 
 
 def describe_last(progress, out):
@@ -709,12 +815,14 @@ def summarise(args, progress, data, n_params, amp, device, world):
     history, last = progress["history"], progress["history"][-1]
     rates = sorted(r["img_per_s"] for r in history)
     return {
-        "dataset": args.dataset, "mixer": args.mixer, "arch": args.arch, "size": args.size,
+        "dataset": args.dataset, "model": args.model, "mixer": args.mixer, "arch": args.arch, "size": args.size,
         "epochs": last["epoch"], "test_acc1": last["test_acc1"], "test_loss": last["test_loss"],
         "best_test_acc1": progress["best"]["test_acc1"], "best_epoch": progress["best"]["epoch"],
         "train_images": data.num_train, "test_images": data.num_test, "params": n_params,
-        "seconds": sum(r["seconds"] for r in history), "img_per_s": rates[len(rates) // 2],
-        "device": device_name(device, world), "amp": amp, "torch": torch.__version__, "config": vars(args),
+        "seconds": sum(r["seconds"] for r in history), "cpu_seconds": sum(r["cpu_seconds"] for r in history),
+        "img_per_s": rates[len(rates) // 2],
+        "device": device_name(device, world), "amp": amp, "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"), "config": vars(args),
     }
 
 
@@ -798,36 +906,41 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress):
                          f"another version of the code") from None
 
 
-METRICS = ["epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "img_per_s", "seconds"]
+# metrics.csv, a row per epoch: `seconds` is wall time (training and testing), `cpu_seconds` the CPU time
+# this process spent training. steps.csv, a row every LOG_EVERY steps: the means over those steps, and the
+# CPU time of the whole run so far.
+METRICS = ["epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "img_per_s", "seconds",
+           "cpu_seconds"]
+STEP_METRICS = ["step", "epoch", "lr", "train_loss", "train_acc1", "cpu_seconds"]
 
 
-def write_metrics(out, history):
+def write_csv(path, columns, rows):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRICS)
+            writer = csv.DictWriter(f, columns)
             writer.writeheader()
-            writer.writerows(history)  # None (epochs not tested) becomes an empty field
+            writer.writerows(rows)  # None (epochs not tested) becomes an empty field
 
-    replace_atomically(out / "metrics.csv", write)
+    replace_atomically(path, write)
 
 
-def plot_curves(out, history):
-    """Loss and top-1 accuracy per epoch, drawn on matplotlib's Agg canvas: no display needed, and pyplot's
-    backend stays as it was in a notebook that imports this file."""
+def plot_curves(out, history, log):
+    """Loss and top-1 accuracy: training every LOG_EVERY steps, test after the epochs that were tested. Drawn
+    on matplotlib's Agg canvas: no display needed, and pyplot's backend stays as it was in a notebook that
+    imports this file."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     labels = {"loss": "cross-entropy (train: with label smoothing)", "acc1": "top-1 accuracy (%)"}
     for ax, (metric, label) in zip(fig.subplots(1, 2), labels.items()):
-        for split in ["train", "test"]:
-            points = [(r["epoch"], r[f"{split}_{metric}"]) for r in history if r[f"{split}_{metric}"] is not None]
-            if points:
-                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=split)
-        ax.set(xlabel="epoch", ylabel=label)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.plot([r["epoch"] for r in log], [r[f"train_{metric}"] for r in log], lw=1,
+                label=f"train (mean of {LOG_EVERY} steps)")
+        tested = [(r["epoch"], r[f"test_{metric}"]) for r in history if r[f"test_{metric}"] is not None]
+        if tested:
+            ax.plot(*zip(*tested), marker="o", label="test")
+        ax.set(xlabel="epoch", ylabel=label, xlim=(0, max(r["epoch"] for r in history)))
         ax.grid(alpha=0.3)
         ax.legend()
     replace_atomically(out / "curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -24,7 +24,7 @@ import train_minimal as tm
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "N32", "--device", "cpu", "--dataset", "synthetic", "--train-size", "128", "--batch-size", "32"]
-TIMING = {"img_per_s", "seconds"}  # the only metrics that may differ between two runs of the same thing
+TIMING = {"img_per_s", "seconds", "cpu_seconds"}  # the only metrics that may differ between two runs of the same thing
 
 
 def train(*argv):
@@ -40,9 +40,13 @@ def cli(argv, capsys):
     return exit_info.value.code, printed.out + printed.err
 
 
-def metrics(run):
-    with open(run / "metrics.csv", newline="") as f:
+def metrics(run, name="metrics.csv"):
+    with open(run / name, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,6 +179,65 @@ def test_ingredient_switches_override_the_architecture_one_at_a_time():
     assert (cfg.conv_stem, cfg.ec, cfg.hdc, cfg.pc, cfg.in_chans) == (False, True, False, False, 1)
 
 
+@pytest.mark.parametrize("arch", ["uninext", "vanilla"])
+def test_zero_init_residual_starts_every_block_as_the_identity_and_changes_no_parameter_count(arch):
+    argv = ["--size", "N32", "--mixer", "window", "--arch", arch, "--device", "cpu"]
+    zeroed = tm.build_model(tm.resolve(tm.build_parser().parse_args(argv)), num_classes=10, in_chans=1)
+    default = tm.build_model(tm.resolve(tm.build_parser().parse_args([*argv, "--no-zero-init-residual"])),
+                             num_classes=10, in_chans=1)
+    assert [p.shape for p in zeroed.parameters()] == [p.shape for p in default.parameters()]
+    x = torch.randn(2, 8, 8, 64)
+    block = zeroed.stages[1].blocks[0]
+    assert torch.equal(block(x), x)  # mixer, MLP and PC branches all add exactly zero
+    assert not torch.equal(default.stages[1].blocks[0](x), x)
+
+
+def test_the_defaults_give_a_short_run_on_a_cpu_and_the_long_one_on_a_gpu(monkeypatch):
+    cpu = tm.resolve(tm.build_parser().parse_args(["--device", "cpu"]))
+    assert (cpu.size, cpu.epochs, cpu.batch_size, cpu.lr, cpu.crop, cpu.drop_path) == ("N32", 2, 64, 2e-3, 0, 0)
+    given = tm.resolve(tm.build_parser().parse_args(["--device", "cpu", "--size", "T32", "--epochs", "7"]))
+    assert (given.size, given.epochs) == ("T32", 7)
+    monkeypatch.setattr(tm, "pick_device", lambda name, local_rank: torch.device("cuda", local_rank))
+    gpu = tm.resolve(tm.build_parser().parse_args([]))
+    assert (gpu.size, gpu.epochs, gpu.batch_size, gpu.lr, gpu.crop, gpu.drop_path) == ("T32", 100, 128, 1e-3, 4, 0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines, trained by the same harness
+
+
+def test_the_baselines_are_the_standard_models():
+    args = lambda model: tm.resolve(tm.build_parser().parse_args(["--model", model, "--device", "cpu"]))
+    count = lambda model: sum(p.numel() for p in model.parameters())
+    linear = tm.build_model(args("linear"), num_classes=10, in_chans=1, img_size=32)
+    assert count(linear) == 32 * 32 * 10 + 10
+    cnn = tm.build_model(args("cnn"), num_classes=10, in_chans=1, img_size=32)
+    assert count(cnn) == 140_458  # 5 conv-BN-ReLU layers of 32, 32, 64, 64, 128 channels and a linear head
+    resnet = tm.build_model(args("resnet18"), num_classes=10, in_chans=3, img_size=32)
+    assert count(resnet) == 11_173_962  # the usual CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool
+    assert (resnet.conv1.kernel_size, resnet.conv1.stride) == ((3, 3), (1, 1))
+    x = torch.randn(2, 3, 32, 32)
+    assert resnet(x).shape == (2, 10)
+    assert resnet.layer4(resnet.layer3(resnet.layer2(resnet.layer1(resnet.conv1(x))))).shape[2:] == (4, 4)
+
+
+@pytest.mark.parametrize("model", ["linear", "cnn", "resnet18"])
+def test_a_baseline_run_leaves_the_same_files_and_accounting_as_a_uninext_run(model, tmp_path):
+    argv = ["--model", model, "--device", "cpu", "--dataset", "synthetic", "--train-size", "64", "--batch-size",
+            "32", "--epochs", "1", "--out", tmp_path / "run"]
+    summary = train(*argv)
+    assert summary["model"] == model and summary["cpu_seconds"] > 0
+    assert {"metrics.csv", "steps.csv", "curves.png", "last.pt", "best.pt", "summary.json"} <= {
+        f.name for f in (tmp_path / "run").iterdir()}
+    assert train("--resume", tmp_path / "run", "--eval-only")["test_acc1"] == summary["test_acc1"]
+
+
+def test_uninext_options_given_to_a_baseline_are_refused(capsys):
+    code, printed = cli(["--model", "cnn", "--size", "N32", "--ec", "--device", "cpu"], capsys)
+    assert code == 2
+    assert "--size, --ec: for --model uninext only; --model cnn is a fixed baseline, so drop them" in printed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # What a run leaves, and resuming it
 
@@ -192,7 +255,24 @@ def test_a_run_leaves_metrics_per_epoch_curves_checkpoints_and_a_summary(finishe
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["test_acc1"] == float(rows[2]["test_acc1"])
     assert summary["params"] > 1e6 and summary["seconds"] > 0 and summary["device"].startswith("cpu")
+    assert summary["cpu_seconds"] == pytest.approx(sum(float(r["cpu_seconds"]) for r in rows))
+    assert summary["cpu_seconds"] > 0
     assert not list(finished_run.glob("*.tmp"))
+
+
+def test_training_is_logged_every_few_steps_with_its_cpu_time_so_that_one_epoch_draws_a_curve(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tm, "LOG_EVERY", 2)
+    train(*TINY, "--epochs", "1", "--out", tmp_path / "run")  # 4 steps
+    steps, (epoch,) = metrics(tmp_path / "run", "steps.csv"), metrics(tmp_path / "run")
+    assert list(steps[0]) == tm.STEP_METRICS
+    assert [(r["step"], r["epoch"]) for r in steps] == [("2", "0.5"), ("4", "1.0")]
+    # each row is the mean of its two steps, so the two rows average to the epoch's mean
+    assert (float(steps[0]["train_loss"]) + float(steps[1]["train_loss"])) / 2 == pytest.approx(
+        float(epoch["train_loss"]))
+    assert 0 < float(steps[0]["cpu_seconds"]) < float(steps[1]["cpu_seconds"])
+    assert float(steps[1]["cpu_seconds"]) == pytest.approx(float(epoch["cpu_seconds"]), abs=0.5)
+    assert "the whole run, 1 x 4 steps: about" in capsys.readouterr().out  # its cost, said near its start
 
 
 def test_eval_only_reproduces_the_final_test_accuracy_of_the_run(finished_run):
@@ -203,10 +283,15 @@ def test_eval_only_reproduces_the_final_test_accuracy_of_the_run(finished_run):
 RESUMABLE = [*TINY, "--epochs", "2", "--mixup", "0.8", "--cutmix", "1.0", "--ema", "0.9"]  # every random state
 
 
+RESUME_LOG_EVERY = 3  # progress windows of 3 steps in epochs of 4: a stop inside a window must not change it
+
+
 @pytest.fixture(scope="module")
 def never_stopped(tmp_path_factory):
     out = tmp_path_factory.mktemp("never_stopped") / "run"
-    train(*RESUMABLE, "--out", out)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tm, "LOG_EVERY", RESUME_LOG_EVERY)
+        train(*RESUMABLE, "--out", out)
     return out
 
 
@@ -227,16 +312,17 @@ def interrupt_at(monkeypatch, epoch, step):
 def test_ctrl_c_saves_and_the_resumed_run_ends_exactly_like_one_never_stopped(
         epoch, step, never_stopped, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
+    monkeypatch.setattr(tm, "LOG_EVERY", RESUME_LOG_EVERY)
     interrupt_at(monkeypatch, epoch, step)
     code, printed = cli([*RESUMABLE, "--out", out], capsys)
     assert code == 130
     assert f"python train_minimal.py --resume {out}" in printed
     monkeypatch.undo()
 
+    monkeypatch.setattr(tm, "LOG_EVERY", RESUME_LOG_EVERY)
     train("--resume", out)  # the stored options are the defaults
-    stopped, reference = metrics(out), metrics(never_stopped)
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in stopped] == \
-           [{k: v for k, v in r.items() if k not in TIMING} for r in reference]
+    for name in ["metrics.csv", "steps.csv"]:
+        assert untimed(metrics(out, name)) == untimed(metrics(never_stopped, name))
     resumed, uninterrupted = (torch.load(run / "last.pt", weights_only=True) for run in (out, never_stopped))
     for part in ["model", "ema"]:
         assert all(torch.equal(resumed[part][k], uninterrupted[part][k]) for k in uninterrupted[part])
