@@ -39,7 +39,7 @@ import train_minimal  # noqa: E402
 import uninext  # noqa: E402
 
 COLUMNS = ["dataset", "train_size", "mixer", "arch", "seed", "epochs", "params", "test_acc1", "seconds", "device"]
-# The ablation ladder (spec section 5): the vanilla architecture, each UniNeXt ingredient added on its own,
+# The ablation ladder: the vanilla architecture, each UniNeXt ingredient added on its own,
 # and all four, which is UniNeXt. Adding EC drops the mixer's original position encoding (uninext.create_model).
 LADDER = {
     "vanilla": ["--arch", "vanilla"],

@@ -1,8 +1,8 @@
 """Training and inference speed of UniNeXt for every mixer, eager and compiled: the numbers behind the
-README's speed table and spec section 7.
+README's speed table, at the setting of its anchors (the authors' code and timm on one NVIDIA H200).
 
     python benchmarks/bench.py --quick                                  # CPU smoke run, under a minute
-    python benchmarks/bench.py --size T --mixers window cswin conv pool pvt   # section 7's eager rows (GPU)
+    python benchmarks/bench.py --size T --mixers window cswin conv pool pvt   # the anchors' eager rows (GPU)
     python benchmarks/bench.py --size T --mixers window --compile off block --json t_window.json
     python benchmarks/bench.py --size T32 --arch uninext vanilla --batch 32 --device cpu
 

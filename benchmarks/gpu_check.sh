@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU half of the speed issue in one call of at most BUDGET seconds (default 480): the rows of spec
-# section 7 that UniNeXt-T can be compared with, profiles of its window block and of the whole network, the
+# The GPU speed checks in one call of at most BUDGET seconds (default 480): the rows that UniNeXt-T can be
+# compared with at the anchors' setting (the authors' code and timm on one H200, see README), profiles of its window block and of the whole network, the
 # T32 epoch time, and the candidate changes of benchmarks/NOTES.md. Run from anywhere:
 #
 #   bash benchmarks/gpu_check.sh           # on the GPU machine; everything lands in $OUT (or benchmarks/results)

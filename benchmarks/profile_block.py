@@ -12,7 +12,7 @@ backward from a random gradient laid out like the output, as the next block woul
 network on channels_last images. torch.profiler records every op; the table is sorted by self time (self
 device time on a GPU).
 
-The layout check answers the spec's claim that depthwise convs run on channels_last views with no copies:
+The layout check tests what uninext.py promises, that convolutions run on channels_last views with no copies:
   - a forward hook on every `uninext.Conv` records whether its NCHW input is a channels_last view and whether
     its output is channels_last (so that the permute back to (B, H, W, C) is a view too);
   - every aten::copy_, aten::contiguous and aten::clone the profiler saw is listed with the ops it ran inside

@@ -2,9 +2,10 @@
 
     python benchmarks/speed_table.py results/T_eager.json results/T_window_block.json
 
-Rows measured at spec section 7's setting (UniNeXt-T at 224x224, training batch 128, inference batch 256, on
-a GPU) are set beside the authors' numbers from that section, which were measured on an NVIDIA H200 with
-PyTorch 2.11: compare only when the device line above the table says H200 too. Rows at 32x32 get the time
+Rows measured at the anchors' setting (UniNeXt-T at 224x224, training batch 128, inference batch 256, on a
+GPU) are set beside the anchors: the authors' code (github.com/jianlong-yuan/UniNeXt, commit 413ff717f322)
+and timm, measured on one NVIDIA H200 with PyTorch 2.11 and bf16 autocast on 2026-11-26: compare only when
+the device line above the table says H200 too. Rows at 32x32 get the time
 of one 50,000-image epoch (CIFAR's training set) at the measured training rate.
 """
 

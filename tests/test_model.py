@@ -66,7 +66,7 @@ def test_sizes_that_no_window_stripe_or_ratio_divides_work(mixer, arch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fidelity to the authors' release (spec section 4)
+# Fidelity to the authors' release: github.com/jianlong-yuan/UniNeXt at commit 413ff717f322, Classification/models/
 
 AUTHORS_PARAMS = {
     ("T", "window"): 23_523_240, ("T", "cswin"): 23_529_256, ("T", "conv"): 18_577_320,
