@@ -92,7 +92,12 @@ def train_one(argv):
     torch.set_num_threads(1)
     out = Path(argv[argv.index("--out") + 1])
     if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+        seed = int(argv[argv.index("--seed") + 1])
+        if summary["config"]["seed"] != seed:
+            raise SystemExit(f"{out} holds a run with seed {summary['config']['seed']}, not {seed}: give this "
+                             f"seed its own --runs folder")
+        return summary
     if (out / "last.pt").exists():  # the same options, continued in place
         argv = [*argv[:argv.index("--out")], "--resume", str(out)]
     return train_minimal.train(train_minimal.build_parser().parse_args(argv))
@@ -146,7 +151,8 @@ def plot(rows, args, path):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.tiny:
-        args.dataset, args.runs, args.results = "synthetic", str(Path(args.runs) / "tiny"), str(Path(args.runs) / "tiny")
+        args.dataset = "synthetic"
+        args.runs = args.results = str(Path(args.runs) / "tiny")  # never into the committed results/
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     plan = planned_runs(args)

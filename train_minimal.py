@@ -2,7 +2,7 @@
 Train UniNeXt from scratch, on small images or on an ImageNet-style folder, on a CPU, one GPU or several.
 
     python train_minimal.py --mixer conv --dataset cifar100          # on a GPU: T32, 100 epochs (the intended use)
-    python train_minimal.py --mixer window --dataset fashion-mnist   # on a CPU: N32, 2 epochs, ~10 CPU-minutes
+    python train_minimal.py --mixer window --dataset fashion-mnist   # on a CPU: N32, 2 epochs, ~13 CPU-minutes
     python train_minimal.py --mixer window --arch vanilla --dataset cifar10
     python train_minimal.py --model cnn --dataset fashion-mnist      # a baseline, through the same harness
     python train_minimal.py --dataset synthetic --epochs 1 --train-size 512    # offline smoke run
@@ -14,7 +14,7 @@ Train UniNeXt from scratch, on small images or on an ImageNet-style folder, on a
 Two budgets, picked by the device. On a GPU the defaults train the intended model for as long as it deserves
 (T32, 100 epochs, batch 128, lr 1e-3, random crop, drop path 0.1). On a CPU they give a run a person waits
 for: the small N32 preset, 2 epochs at batch 64 and lr 2e-3, flip only, no drop path; on Fashion-MNIST that
-is about ten CPU-minutes (README lists what each budget reaches). Any option given overrides its default.
+is 12-13 CPU-minutes (README lists what each budget reaches). Any option given overrides its default.
 The recipe around that, for 5k-60k images of 32x32 (the ImageNet one is made for 1.3M images and 300
 epochs):
     AdamW, weight decay 0.05 on weight matrices and kernels only; --batch-size is the global batch, so any
@@ -32,9 +32,10 @@ The evidence for each of these (what was predicted, what was measured) is in res
 weight EMA (--ema) and Mixup/CutMix (--mixup, --cutmix) are off: in short runs they cost accuracy; DeiT-style
 recipes use them over hundreds of epochs.
 
-Cost. Every run reports its training time twice: wall seconds, and the CPU-seconds its process spent
-training (`cpu_seconds`), which other jobs on a shared machine do not inflate. With one thread
-(OMP_NUM_THREADS=1) that is what one idle core would take; compare runs by it. After the first steps the
+Cost. Every run reports its training time twice: wall seconds, and the CPU-seconds its processes spent
+training (`cpu_seconds`; DataLoader workers not included), which other jobs on a shared machine do not
+inflate. With one process of one thread (OMP_NUM_THREADS=1) that is what one idle core would take; compare
+runs by it. After the first steps the
 run says what the whole of it will cost.
 
 Speed. CIFAR and Fashion-MNIST live on the device as uint8 tensors and are cropped and flipped there, a
@@ -88,10 +89,9 @@ SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "syntheti
 DATASETS = [*SMALL_DATASETS, "imagefolder"]
 MODELS = ["uninext", "linear", "cnn", "resnet18"]
 # Defaults that depend on the device. A GPU trains the intended model for as long as it deserves; a CPU gets a
-# run a person waits for: the small preset and about ten CPU-minutes on Fashion-MNIST or CIFAR (see README).
+# run a person waits for: the small preset and 12-13 CPU-minutes on Fashion-MNIST (see README).
 GPU_DEFAULTS = {"size": "T32", "epochs": 100, "batch_size": 128, "lr": 1e-3, "crop": 4, "drop_path": 0.1}
 CPU_DEFAULTS = {"size": "N32", "epochs": 2, "batch_size": 64, "lr": 2e-3, "crop": 0, "drop_path": 0.0}
-SHORT_RUN = "--size N32 --epochs 2 --batch-size 64"
 INGREDIENTS = {  # the switches of uninext.create_model, each on or off as --arch says unless given
     "conv_stem": "UniNeXt's conv stem (off: a patch embedding)",
     "ec": "EC, the Embedded Convolution beside the mixer",
@@ -129,7 +129,7 @@ def build_parser():
     model.add_argument("--arch", default="uninext", choices=list(uninext.ARCHS),
                        help="the general architecture around the mixer (default: %(default)s)")
     model.add_argument("--size", choices=list(uninext.PRESETS),
-                       help="preset (default: T32 for the 32x32 datasets, T for imagefolder)")
+                       help="preset (default: T32 on a GPU, N32 on a CPU, T for imagefolder)")
     for name, what in INGREDIENTS.items():
         model.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                            help=f"{what} (default: as --arch says)")
@@ -176,7 +176,9 @@ def build_parser():
                              "(default: %(default)s)")
 
     run = p.add_argument_group("run")
-    run.add_argument("--out", metavar="DIR", help="output folder (default: runs/<dataset>-<mixer>-<arch>)")
+    run.add_argument("--out", metavar="DIR",
+                     help="output folder (default: runs/<dataset>-<mixer>-<arch>, runs/<dataset>-<model> for a "
+                          "baseline)")
     run.add_argument("--resume", metavar="DIR", help="continue the run stored in DIR, in DIR")
     run.add_argument("--eval-only", action="store_true", help="evaluate the run in --resume DIR on the test set")
     run.add_argument("--eval-every", type=int, default=1, metavar="K",
@@ -623,7 +625,7 @@ def run(args, checkpoint, rank, world, device):
     with stop_on_ctrl_c() as interrupt:
         for epoch in range(progress["epoch"], args.epochs + 1):
             # Accumulators on the device, so that a step never waits for the GPU: the loss and the correct
-            # guesses of every step. Time is counted twice: wall seconds, and the CPU-seconds this process
+            # guesses of every step. Time is counted twice: wall seconds, and the CPU-seconds the processes
             # spent, which other jobs on a shared machine do not inflate. A run resumed inside this epoch
             # gets them back.
             losses, hits = torch.zeros(steps, device=device), torch.zeros(steps, device=device)
@@ -671,7 +673,7 @@ def run(args, checkpoint, rank, world, device):
                                    f"{steps} (step {(epoch - 1) * steps + s + 1} of the run), so the run stopped; "
                                    f"{describe_last(progress, out)} Try a lower --lr, or --amp bf16 or off.")
                 now, cpu_now = time.perf_counter(), time.process_time()
-                cpu_run = cpu_before + train_cpu + cpu_now - cpu_tick
+                cpu_run = cpu_before + all_sum(torch.tensor(train_cpu + cpu_now - cpu_tick, device=device)).item()
                 if log_now:  # the mean loss and accuracy of the last LOG_EVERY steps, for curves within an epoch
                     first = step - step % LOG_EVERY
                     progress["log"].append({
@@ -686,8 +688,8 @@ def run(args, checkpoint, rank, world, device):
                                 cpu=f"{cpu_run / 60:.1f} min")
                 if rank == 0 and not estimated and step + 1 - start >= 2 * LOG_EVERY:
                     estimated = True
-                    tqdm.write(estimate(args, device, steps, (epoch - 1) * steps + step + 1,
-                                        (now - tick) / (step + 1 - start), (cpu_now - cpu_tick) / (step + 1 - start)))
+                    tqdm.write(estimate(args, device, steps, (epoch - 1) * steps + step + 1, (now - tick) /
+                                        (step + 1 - start), world * (cpu_now - cpu_tick) / (step + 1 - start)))
                 if anyone(interrupt["requested"], device) and step + 1 < steps:
                     bar.close()
                     partial = {"losses": losses[:step + 1].cpu(), "hits": hits[:step + 1].cpu(),
@@ -707,7 +709,8 @@ def run(args, checkpoint, rank, world, device):
                    "train_acc1": 100 * all_sum(hits).sum().item() / (steps * args.batch_size),
                    "test_loss": test_loss, "test_acc1": test_acc1,
                    "img_per_s": steps * args.batch_size / train_seconds,
-                   "seconds": train_seconds + time.perf_counter() - tick, "cpu_seconds": train_cpu}
+                   "seconds": train_seconds + time.perf_counter() - tick,
+                   "cpu_seconds": all_sum(torch.tensor(train_cpu, device=device)).item()}
             progress["history"].append(row)
             progress.update(epoch=epoch + 1, step=0, partial=None)
             best = progress["best"]
@@ -787,13 +790,18 @@ def describe_epoch(row, epochs, history):
 
 
 def estimate(args, device, steps_per_epoch, done, seconds_per_step, cpu_per_step):
-    """What the whole run will cost at the speed of its first steps, said once near the start."""
+    """What the whole run will cost at the speed of its first steps (CPU time: of all processes), said once
+    near the start, with a shorter run to try when a CPU would take hours."""
     left = args.epochs * steps_per_epoch - done
     text = (f"the whole run, {args.epochs} x {steps_per_epoch:,} steps: about {left * seconds_per_step / 60:,.1f} "
             f"min more ({left * cpu_per_step / 60:,.1f} CPU-min) at the speed of the first steps")
-    if device.type == "cpu" and left * seconds_per_step > 3600:
-        text += (f". That is long for a CPU: {SHORT_RUN} trains for about ten CPU-minutes; Ctrl-C stops "
-                 f"this run and --resume continues it")
+    if device.type == "cpu" and left * cpu_per_step > 3600:
+        epoch_cost = steps_per_epoch * cpu_per_step
+        fit = max(1, int(15 * 60 / epoch_cost))  # epochs in about a quarter of an hour
+        smaller = " (--size N32 costs several times less than T32)" if args.model == "uninext" and \
+            args.size != "N32" else ""
+        text += (f". That is long for a CPU: --epochs {fit} would take about {fit * epoch_cost / 60:.0f} "
+                 f"CPU-min{smaller}. Ctrl-C stops this run and --resume continues it")
     return text
 
 
@@ -815,7 +823,8 @@ def summarise(args, progress, data, n_params, amp, device, world):
     history, last = progress["history"], progress["history"][-1]
     rates = sorted(r["img_per_s"] for r in history)
     return {
-        "dataset": args.dataset, "model": args.model, "mixer": args.mixer, "arch": args.arch, "size": args.size,
+        "dataset": args.dataset, "model": args.model,
+        **({"mixer": args.mixer, "arch": args.arch, "size": args.size} if args.model == "uninext" else {}),
         "epochs": last["epoch"], "test_acc1": last["test_acc1"], "test_loss": last["test_loss"],
         "best_test_acc1": progress["best"]["test_acc1"], "best_epoch": progress["best"]["epoch"],
         "train_images": data.num_train, "test_images": data.num_test, "params": n_params,
@@ -876,6 +885,10 @@ def first_line(error):
 
 def check_config(stored, args, path):
     """Refuse to continue a run with options that change what it computes (RUNTIME_OPTIONS may change)."""
+    missing = sorted(set(vars(args)) - set(stored) - RUNTIME_OPTIONS)
+    if missing:
+        raise UsageError(f"{path} was written by an earlier version of train_minimal.py (it has no "
+                         f"{', '.join(missing)}): it cannot be continued; start a new run with another --out")
     differ = sorted(k for k in (set(stored) | set(vars(args))) - RUNTIME_OPTIONS
                     if stored.get(k) != getattr(args, k, None))
     if differ:
@@ -907,7 +920,7 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress):
 
 
 # metrics.csv, a row per epoch: `seconds` is wall time (training and testing), `cpu_seconds` the CPU time
-# this process spent training. steps.csv, a row every LOG_EVERY steps: the means over those steps, and the
+# the training processes spent training. steps.csv, a row every LOG_EVERY steps: the means over those steps, and the
 # CPU time of the whole run so far.
 METRICS = ["epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "img_per_s", "seconds",
            "cpu_seconds"]

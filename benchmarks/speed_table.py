@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-# Spec section 7, the authors' released code: (train img/s, infer img/s, peak GiB in training).
+# The anchors, the authors' released code (commit 413ff717f322) on one H200:
+# (train img/s, infer img/s, peak GiB in training).
 AUTHORS = {
     ("window", "off"): (671, 1923, 17.9),
     ("window", "compiled"): (1313, 4562, 12.3),

@@ -2,9 +2,14 @@
 stopped sweep continued without training anything twice."""
 
 import csv
+from pathlib import Path
+
+import pytest
 
 import short_budget
 import train_minimal
+
+real_train = train_minimal.train
 
 
 def test_a_tiny_sweep_records_accuracy_against_cpu_time_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
@@ -22,9 +27,12 @@ def test_a_tiny_sweep_records_accuracy_against_cpu_time_and_a_rerun_trains_nothi
     # A run stopped after its checkpoint but before its summary is continued with its own options, not redone
     cnn_run = next(results.glob("synthetic-CNN-*"))
     (cnn_run / "summary.json").unlink()
+    calls = []
+    monkeypatch.setattr(train_minimal, "train", lambda args: calls.append(args) or real_train(args))
     short_budget.main(argv)
+    assert [(Path(a.resume), a.model, a.epochs) for a in calls] == [(cnn_run, "cnn", 1)]
     with open(results / "short_budget.csv") as f:
-        assert [r["test_acc1"] for r in csv.DictReader(f)] == [r["test_acc1"] for r in rows]
+        assert list(csv.DictReader(f)) == rows
 
     def never(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -32,4 +40,6 @@ def test_a_tiny_sweep_records_accuracy_against_cpu_time_and_a_rerun_trains_nothi
     monkeypatch.setattr(train_minimal, "train", never)
     short_budget.main(argv)
     with open(results / "short_budget.csv") as f:
-        assert list(csv.DictReader(f))[:2] == rows[:2]
+        assert list(csv.DictReader(f)) == rows
+    with pytest.raises(SystemExit, match="holds a run with seed 0, not 1"):  # another seed needs its own folder
+        short_budget.main([*argv, "--seed", "1"])

@@ -226,7 +226,7 @@ def test_a_baseline_run_leaves_the_same_files_and_accounting_as_a_uninext_run(mo
     argv = ["--model", model, "--device", "cpu", "--dataset", "synthetic", "--train-size", "64", "--batch-size",
             "32", "--epochs", "1", "--out", tmp_path / "run"]
     summary = train(*argv)
-    assert summary["model"] == model and summary["cpu_seconds"] > 0
+    assert summary["model"] == model and "mixer" not in summary and summary["cpu_seconds"] > 0
     assert {"metrics.csv", "steps.csv", "curves.png", "last.pt", "best.pt", "summary.json"} <= {
         f.name for f in (tmp_path / "run").iterdir()}
     assert train("--resume", tmp_path / "run", "--eval-only")["test_acc1"] == summary["test_acc1"]
@@ -422,6 +422,16 @@ def test_a_corrupt_checkpoint_is_refused_and_best_pt_is_kept(how, finished_run, 
     assert code == 2
     assert f"{run / 'last.pt'} is corrupt or not a checkpoint" in printed and "best.pt" in printed
     assert (run / "best.pt").read_bytes() == (finished_run / "best.pt").read_bytes()
+
+
+def test_a_checkpoint_of_an_earlier_version_is_refused_with_what_it_lacks(finished_run, tmp_path, capsys):
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    del checkpoint["config"]["model"], checkpoint["config"]["crop"]
+    torch.save(checkpoint, run / "last.pt")
+    code, printed = cli(["--resume", run], capsys)
+    assert code == 2
+    assert "earlier version of train_minimal.py (it has no crop, model)" in printed
 
 
 def test_the_command_line_reports_bad_input_in_one_line_with_exit_code_2_and_no_traceback(finished_run, tmp_path):
