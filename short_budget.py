@@ -44,12 +44,13 @@ MODELS = {
     "linear": ["--model", "linear"],
 }
 # Epochs for about 10, 5, 60 and 20 CPU-minutes on one core of the machine these numbers come from (measured
-# there: an epoch of UniNeXt-N32 costs about 6.7 CPU-minutes with window, 6 with conv, the CNN 2.8, the linear
-# classifier seconds), in order of value, so that a sweep cut short has the most useful runs.
+# there: an epoch of UniNeXt-N32 costs 5-7 CPU-minutes with window, 5-6 with conv, depending on what else
+# runs, the CNN 2.5-2.8, the linear classifier seconds), in order of value, so that a sweep cut short has
+# the most useful runs; the CNN's longest run comes last.
 EPOCHS = {
     "UniNeXt-N32 window": [2, 1, 9, 3],
     "UniNeXt-N32 conv": [2, 1, 10, 3],
-    "CNN (0.14M)": [3, 2, 21, 7],
+    "CNN (0.14M)": [3, 2, 7, 21],
     "linear": [1, 4, 16],
 }
 COLORS = {"UniNeXt-N32 window": "#0072B2", "UniNeXt-N32 conv": "#56B4E9", "CNN (0.14M)": "#D55E00",
