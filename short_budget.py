@@ -7,9 +7,9 @@ that every number should be read against, a linear classifier on the pixels and 
     python short_budget.py --tiny                         # seconds: synthetic data, the same code
 
 The cost of a run is the CPU time its process spent training (`cpu_seconds` in its summary.json): with one
-thread it is what one idle core would take, and unlike wall time it does not grow when other jobs share the
-machine. The lengths are chosen (in epochs) so that the runs land near 5, 10, 20 and 60 CPU-minutes; each
-run's own measured cost is what the figure shows.
+thread it is about what one idle core would take, and other jobs on the machine inflate it far less than
+wall time (by up to a quarter here, through contended caches). The lengths are chosen (in epochs) so that
+the runs land near 5, 10, 20 and 60 CPU-minutes; each run's own measured cost is what the figure shows.
 
 Each run is `train_minimal.train(...)` in its own folder under --runs. A finished run (summary.json) is read,
 never redone; a run cut short resumes from its last.pt, so the same command continues a stopped sweep.

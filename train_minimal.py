@@ -2,7 +2,7 @@
 Train UniNeXt from scratch, on small images or on an ImageNet-style folder, on a CPU, one GPU or several.
 
     python train_minimal.py --mixer conv --dataset cifar100          # on a GPU: T32, 100 epochs (the intended use)
-    python train_minimal.py --mixer window --dataset fashion-mnist   # on a CPU: N32, 2 epochs, ~13 CPU-minutes
+    python train_minimal.py --mixer window --dataset fashion-mnist   # on a CPU: N32, 2 epochs, 10-13 CPU-minutes
     python train_minimal.py --mixer window --arch vanilla --dataset cifar10
     python train_minimal.py --model cnn --dataset fashion-mnist      # a baseline, through the same harness
     python train_minimal.py --dataset synthetic --epochs 1 --train-size 512    # offline smoke run
@@ -14,7 +14,7 @@ Train UniNeXt from scratch, on small images or on an ImageNet-style folder, on a
 Two budgets, picked by the device. On a GPU the defaults train the intended model for as long as it deserves
 (T32, 100 epochs, batch 128, lr 1e-3, random crop, drop path 0.1). On a CPU they give a run a person waits
 for: the small N32 preset, 2 epochs at batch 64 and lr 2e-3, flip only, no drop path; on Fashion-MNIST that
-is 12-13 CPU-minutes (README lists what each budget reaches). Any option given overrides its default.
+is 10-13 CPU-minutes (README lists what each budget reaches). Any option given overrides its default.
 The recipe around that, for 5k-60k images of 32x32 (the ImageNet one is made for 1.3M images and 300
 epochs):
     AdamW, weight decay 0.05 on weight matrices and kernels only; --batch-size is the global batch, so any
@@ -33,10 +33,10 @@ weight EMA (--ema) and Mixup/CutMix (--mixup, --cutmix) are off: in short runs t
 recipes use them over hundreds of epochs.
 
 Cost. Every run reports its training time twice: wall seconds, and the CPU-seconds its processes spent
-training (`cpu_seconds`; DataLoader workers not included), which other jobs on a shared machine do not
-inflate. With one process of one thread (OMP_NUM_THREADS=1) that is what one idle core would take; compare
-runs by it. After the first steps the
-run says what the whole of it will cost.
+training (`cpu_seconds`; DataLoader workers not included), which other jobs on a shared machine inflate far
+less than wall time (by up to a quarter, measured, through contended caches). With one process of one
+thread (OMP_NUM_THREADS=1) that is about what one idle core would take; compare runs by it. After the first
+steps the run says what the whole of it will cost.
 
 Speed. CIFAR and Fashion-MNIST live on the device as uint8 tensors and are cropped and flipped there, a
 whole batch at once (`crop_flip`), so a GPU never waits on Colab's two CPU cores. On a CUDA GPU the model
@@ -89,7 +89,7 @@ SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "syntheti
 DATASETS = [*SMALL_DATASETS, "imagefolder"]
 MODELS = ["uninext", "linear", "cnn", "resnet18"]
 # Defaults that depend on the device. A GPU trains the intended model for as long as it deserves; a CPU gets a
-# run a person waits for: the small preset and 12-13 CPU-minutes on Fashion-MNIST (see README).
+# run a person waits for: the small preset and 10-13 CPU-minutes on Fashion-MNIST (see README).
 GPU_DEFAULTS = {"size": "T32", "epochs": 100, "batch_size": 128, "lr": 1e-3, "crop": 4, "drop_path": 0.1}
 CPU_DEFAULTS = {"size": "N32", "epochs": 2, "batch_size": 64, "lr": 2e-3, "crop": 0, "drop_path": 0.0}
 INGREDIENTS = {  # the switches of uninext.create_model, each on or off as --arch says unless given
@@ -626,7 +626,7 @@ def run(args, checkpoint, rank, world, device):
         for epoch in range(progress["epoch"], args.epochs + 1):
             # Accumulators on the device, so that a step never waits for the GPU: the loss and the correct
             # guesses of every step. Time is counted twice: wall seconds, and the CPU-seconds the processes
-            # spent, which other jobs on a shared machine do not inflate. A run resumed inside this epoch
+            # spent, which other jobs on a shared machine inflate far less. A run resumed inside this epoch
             # gets them back.
             losses, hits = torch.zeros(steps, device=device), torch.zeros(steps, device=device)
             train_seconds = train_cpu = 0.0
