@@ -13,8 +13,8 @@ the runs land near 5, 10, 20 and 60 CPU-minutes; each run's own measured cost is
 
 Each run is `train_minimal.train(...)` in its own folder under --runs. A finished run (summary.json) is read,
 never redone; a run cut short resumes from its last.pt, so the same command continues a stopped sweep.
-Writes into --results, after every run: short_budget.csv (a row per run, with its command), short_budget.png
-and short_budget.md (the table).
+Writes into --results, after every run: short_budget.csv (a row per run, with its command; the rows of
+models left out of --models are kept), short_budget.png and short_budget.md (the table).
 """
 
 import argparse
@@ -158,12 +158,15 @@ def main(argv=None):
     results.mkdir(parents=True, exist_ok=True)
     plan = planned_runs(args)
     rows = []
-    started = time.time()
+    if (results / "short_budget.csv").exists():  # the rows of models not asked for this time are kept
+        with open(results / "short_budget.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["label"] not in args.models]
+    kept, started = len(rows), time.time()
 
     def record(label, epochs, run_argv, summary):
         rows.append(row(label, epochs, run_argv, summary))
         print(f"{label}, {epochs} epochs: {summary['test_acc1']:.2f}% in {summary['cpu_seconds'] / 60:.1f} "
-              f"CPU-min ({len(rows)} of {len(plan)} runs, {(time.time() - started) / 60:.0f} min)", flush=True)
+              f"CPU-min ({len(rows) - kept} of {len(plan)} runs, {(time.time() - started) / 60:.0f} min)", flush=True)
         with open(results / "short_budget.csv.tmp", "w", newline="") as f:  # after every run: nothing lost
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()

@@ -41,5 +41,8 @@ def test_a_tiny_sweep_records_accuracy_against_cpu_time_and_a_rerun_trains_nothi
     short_budget.main(argv)
     with open(results / "short_budget.csv") as f:
         assert list(csv.DictReader(f)) == rows
+    short_budget.main([*argv, "--models", "linear"])  # one model again: the others' rows stay
+    with open(results / "short_budget.csv") as f:
+        assert list(csv.DictReader(f)) == rows
     with pytest.raises(SystemExit, match="holds a run with seed 0, not 1"):  # another seed needs its own folder
         short_budget.main([*argv, "--seed", "1"])
