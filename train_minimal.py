@@ -920,8 +920,8 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress):
 
 
 # metrics.csv, a row per epoch: `seconds` is wall time (training and testing), `cpu_seconds` the CPU time
-# the training processes spent training. steps.csv, a row every LOG_EVERY steps: the means over those steps, and the
-# CPU time of the whole run so far.
+# the training processes spent training. steps.csv, a row every LOG_EVERY steps: the means over those steps,
+# and the CPU time of the whole run so far.
 METRICS = ["epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "img_per_s", "seconds",
            "cpu_seconds"]
 STEP_METRICS = ["step", "epoch", "lr", "train_loss", "train_acc1", "cpu_seconds"]
