@@ -17,9 +17,9 @@ for: the small N32 preset, 2 epochs at batch 64 and lr 2e-3, flip only, no drop 
 is 10-13 CPU-minutes (README lists what each budget reaches). Any option given overrides its default.
 The recipe around that, for 5k-60k images of 32x32 (the ImageNet one is made for 1.3M images and 300
 epochs):
-    AdamW, weight decay 0.05 on weight matrices and kernels only; --batch-size is the global batch, so any
-        number of GPUs takes the same steps. (1e-3 at batch 1024 is the authors' ImageNet rate, 5e-4 per
-        512 images, for imagefolder.)
+    AdamW, weight decay 0.05 on weight matrices and kernels only (not on position encodings); --batch-size
+        is the global batch, so any number of GPUs takes the same steps. (1e-3 at batch 1024 is the
+        authors' ImageNet rate, 5e-4 per 512 images, for imagefolder.)
     every residual branch's last layer starts at zero (--zero-init-residual): each block starts as the
         identity and grows in, which trains faster in short runs; an initialisation, not an architecture
         change (the parameters are the authors')
@@ -521,10 +521,12 @@ def zero_init_residual(model):
 
 def build_optimizer(model, args, device):
     """AdamW with weight decay on the weight matrices and conv kernels only: decaying biases and LayerNorm
-    gains towards zero only takes capacity away (as in nanoGPT, timm)."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    gains towards zero only takes capacity away (as in nanoGPT, timm), and position encodings are spared as
+    Swin, PVT and DeiT spare them (the model's `no_weight_decay()`)."""
+    spared = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decayed = {name: p.ndim >= 2 and name not in spared for name, p in model.named_parameters()}
+    groups = [{"params": [p for n, p in model.named_parameters() if decayed[n]], "weight_decay": args.weight_decay},
+              {"params": [p for n, p in model.named_parameters() if not decayed[n]], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
 
 

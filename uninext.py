@@ -715,6 +715,12 @@ class UniNeXt(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self):
+        """Names of the parameters that weight decay should spare (timm's convention): the position
+        encodings of the vanilla mixers, the absolute embeddings and Swin's relative bias tables, which Swin,
+        PVT and DeiT train without decay. Biases and norm gains are spared by their shape."""
+        return {name for name, _ in self.named_parameters() if name.endswith(("pos_embed", "rel_pos.table"))}
+
     @property
     def min_size(self):
         """The smallest height and width the layout takes: one token in the last stage."""

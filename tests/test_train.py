@@ -192,6 +192,21 @@ def test_zero_init_residual_starts_every_block_as_the_identity_and_changes_no_pa
     assert not torch.equal(default.stages[1].blocks[0](x), x)
 
 
+@pytest.mark.parametrize("mixer, spared", [("window", "rel_pos.table"), ("pvt", "pos_embed")])
+def test_weight_decay_spares_position_encodings_biases_and_norms_only(mixer, spared):
+    args = tm.resolve(tm.build_parser().parse_args(["--size", "N32", "--mixer", mixer, "--arch", "vanilla"]))
+    model = tm.build_model(args, num_classes=10, in_chans=1)
+    decay = {id(p): group["weight_decay"] for group in tm.build_optimizer(model, args, torch.device("cpu")).param_groups
+             for p in group["params"]}
+    names = {name: decay[id(p)] for name, p in model.named_parameters()}
+    assert len(names) == len(decay)  # every parameter in exactly one group
+    assert {n for n, d in names.items() if d == 0} == {n for n, p in model.named_parameters()
+                                                        if p.ndim < 2 or n.endswith(spared)}
+    assert any(n.endswith(spared) for n in names) and args.weight_decay == 0.05
+    fc1 = [d for n, d in names.items() if n.endswith("fc1.weight")]
+    assert fc1 and all(d == 0.05 for d in fc1)
+
+
 def test_the_defaults_give_a_short_run_on_a_cpu_and_the_long_one_on_a_gpu(monkeypatch):
     cpu = tm.resolve(tm.build_parser().parse_args(["--device", "cpu"]))
     assert (cpu.size, cpu.epochs, cpu.batch_size, cpu.lr, cpu.crop, cpu.drop_path) == ("N32", 2, 64, 2e-3, 0, 0)
