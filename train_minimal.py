@@ -62,8 +62,10 @@ import argparse
 import csv
 import gzip
 import json
+import math
 import os
 import random
+import shlex
 import signal
 import struct
 import time
@@ -102,7 +104,9 @@ INGREDIENTS = {  # the switches of uninext.create_model, each on or off as --arc
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 LOG_EVERY = 20  # steps between progress updates and NaN checks (each syncs with the GPU and other processes)
 # Options that may differ when a run is resumed: where and how it runs, not what it computes.
-RUNTIME_OPTIONS = {"resume", "out", "data_dir", "eval_only", "eval_every", "device", "amp", "compile", "workers"}
+RUNTIME_OPTIONS = {"resume", "out", "overwrite", "data_dir", "eval_only", "eval_every", "device", "amp", "compile",
+                   "workers"}
+RUN_FILES = ["last.pt", "best.pt", "metrics.csv", "steps.csv", "summary.json"]  # what a run leaves in --out
 
 
 class UsageError(Exception):
@@ -180,6 +184,7 @@ def build_parser():
                      help="output folder (default: runs/<dataset>-<mixer>-<arch>, runs/<dataset>-<model> for a "
                           "baseline)")
     run.add_argument("--resume", metavar="DIR", help="continue the run stored in DIR, in DIR")
+    run.add_argument("--overwrite", action="store_true", help="replace the run that --out holds, if any")
     run.add_argument("--eval-only", action="store_true", help="evaluate the run in --resume DIR on the test set")
     run.add_argument("--eval-every", type=int, default=1, metavar="K",
                      help="test every K epochs, 0 = only after the last one, which is always tested "
@@ -212,19 +217,42 @@ def resolve(args):
     problems = [message for bad, message in [
         (args.epochs < 1, "--epochs must be at least 1"),
         (args.batch_size < 1, "--batch-size must be at least 1"),
-        (args.lr <= 0, "--lr must be positive"),
+        (not 0 < args.lr < math.inf, "--lr must be a positive number"),
+        (not 0 <= args.weight_decay < math.inf, "--weight-decay must be a number, 0 or more"),
         (args.crop < 0, "--crop is a padding in pixels, 0 or more"),
         (not 0 <= args.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
+        (not 0 <= args.label_smoothing < 1, "--label-smoothing is in [0, 1), 0 = off"),
+        (not 0 <= args.drop_path < 1, "--drop-path is a probability in [0, 1), 0 = off"),
+        (not 0 <= args.mixup < math.inf, "--mixup is a Beta parameter, 0 = off"),
+        (not 0 <= args.cutmix < math.inf, "--cutmix is a Beta parameter, 0 = off"),
         (not 0 <= args.ema < 1, "--ema is a decay in [0, 1), 0 = off"),
+        (not 0 <= args.seed < 2 ** 32, "--seed is in [0, 2**32)"),
+        (args.workers < 0, "--workers must be 0 or more (0 = load in the training process)"),
         (args.eval_every < 0, "--eval-every must be 0 or more"),
         (args.train_size is not None and args.train_size < 1, "--train-size must be at least 1"),
         (args.eval_only and not args.resume, "--eval-only evaluates a stored run: give it --resume DIR"),
         (args.resume and Path(args.out).resolve() != Path(args.resume).resolve(),
          "--resume continues the run in its own folder: drop --out"),
+        (args.amp == "fp16" and pick_device(args.device, 0).type == "cpu",
+         "--amp fp16 on a CPU is emulated, about 30x slower than --amp off: use off (or bf16)"),
     ] if bad]
     if problems:
         raise UsageError("; ".join(problems))
     return args
+
+
+def check_out(args):
+    """Refuse, before any expensive work, an --out that cannot hold this run or that holds another one."""
+    out, place = Path(args.out), Path(args.out).absolute()
+    while not place.exists():
+        place = place.parent
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
+    if not (place.is_dir() and os.access(place, os.W_OK | os.X_OK)):
+        raise UsageError(f"--out {out}: cannot write into {place} (no permission, or a read-only file system)")
+    if not args.resume and not args.overwrite and any((out / name).exists() for name in RUN_FILES):
+        raise UsageError(f"{out} holds a run already: continue it with --resume {shlex.quote(str(out))}, "
+                         f"choose another --out, or replace it with --overwrite")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -558,6 +586,7 @@ def train(args, checkpoint=None):
     """Train (or, with --eval-only, evaluate) as `args` say and return the summary, also saved as
     summary.json. `checkpoint`: the contents of --resume DIR/last.pt, if the caller has read them already."""
     args = resolve(args)
+    check_out(args)
     rank, world, device = start_processes(args)
     try:
         if args.batch_size % world:
@@ -613,6 +642,9 @@ def run(args, checkpoint, rank, world, device):
         step_model = DistributedDataParallel(step_model, device_ids=[device] if device.type == "cuda" else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and not args.resume:  # no file of the replaced run may outlive it
+            for name in [*RUN_FILES, "curves.png"]:
+                (out / name).unlink(missing_ok=True)
         name = f"{args.size} {args.mixer} {args.arch}" if args.model == "uninext" else args.model
         print(f"{args.dataset}: {data.num_train:,} training and {data.num_test:,} test images | {name}, "
               f"{n_params / 1e6:.2f}M parameters | {device_name(device, world)}, "
@@ -674,6 +706,10 @@ def run(args, checkpoint, rank, world, device):
                     raise Diverged(f"the training loss was {seen[s].item()} at epoch {epoch}, step {s + 1} of "
                                    f"{steps} (step {(epoch - 1) * steps + s + 1} of the run), so the run stopped; "
                                    f"{describe_last(progress, out)} Try a lower --lr, or --amp bf16 or off.")
+                if anyone(not finite(model), device):  # the last update can break the weights after a good loss
+                    bar.close()
+                    raise Diverged(f"the weights became NaN or infinite by epoch {epoch}, step {step + 1} of "
+                                   f"{steps}, so the run stopped; {describe_last(progress, out)} Try a lower --lr.")
                 now, cpu_now = time.perf_counter(), time.process_time()
                 cpu_run = cpu_before + all_sum(torch.tensor(train_cpu + cpu_now - cpu_tick, device=device)).item()
                 if log_now:  # the mean loss and accuracy of the last LOG_EVERY steps, for curves within an epoch
@@ -707,6 +743,9 @@ def run(args, checkpoint, rank, world, device):
             test_loss = test_acc1 = None
             if epoch == args.epochs or (args.eval_every and epoch % args.eval_every == 0):
                 test_loss, test_acc1 = evaluate(judged, data, autocast)
+                if not math.isfinite(test_loss):
+                    raise Diverged(f"the test loss after epoch {epoch} was {test_loss}, so the run stopped; "
+                                   f"{describe_last(progress, out)} Try a lower --lr, or --amp bf16 or off.")
             row = {"epoch": epoch, "lr": lr, "train_loss": (all_sum(losses) / world).mean().item(),
                    "train_acc1": 100 * all_sum(hits).sum().item() / (steps * args.batch_size),
                    "test_loss": test_loss, "test_acc1": test_acc1,
@@ -732,10 +771,16 @@ def run(args, checkpoint, rank, world, device):
 
     summary = summarise(args, progress, data, n_params, amp, device, world)
     if rank == 0:
-        replace_atomically(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+        replace_atomically(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False)))
         print(f"done: test top-1 {summary['test_acc1']:.2f}% after {args.epochs} epochs, "
               f"{summary['seconds'] / 60:.1f} min, {summary['img_per_s']:,.0f} img/s | {out}")
     return summary
+
+
+@torch.no_grad()
+def finite(model):
+    """Whether every weight is a finite number (one sync: a tensor with a NaN or an infinity sums to one)."""
+    return torch.stack([p.sum() for p in model.parameters()]).isfinite().all().item()
 
 
 @torch.no_grad()
@@ -818,7 +863,7 @@ def describe_last(progress, out):
 
 def stopped_message(out, where):
     return (f"stopped by Ctrl-C at {where}, saved in {out / 'last.pt'}; continue with:\n"
-            f"    python train_minimal.py --resume {out}")
+            f"    python train_minimal.py --resume {shlex.quote(str(out))}")
 
 
 def summarise(args, progress, data, n_params, amp, device, world):
@@ -897,7 +942,7 @@ def check_config(stored, args, path):
         asked = ", ".join(f"{k} {getattr(args, k, None)!r} (stored: {stored.get(k)!r})" for k in differ)
         why = " (its learning-rate schedule ends at the stored epochs)" if "epochs" in differ else ""
         raise UsageError(f"{path} is from another configuration: {asked}{why}. Continue it with its own "
-                         f"options (python train_minimal.py --resume {path.parent}), or start a new run with "
+                         f"options (python train_minimal.py --resume {shlex.quote(str(path.parent))}), or start a new run with "
                          f"another --out")
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 from urllib.error import URLError
 
@@ -456,3 +457,78 @@ def test_the_command_line_reports_bad_input_in_one_line_with_exit_code_2_and_no_
     assert result.returncode == 2
     assert result.stderr.startswith("train_minimal.py: error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a number"),
+    (["--label-smoothing", "1.5"], "--label-smoothing is in [0, 1)"),
+    (["--drop-path", "1.0"], "--drop-path is a probability in [0, 1)"),
+    (["--mixup", "-1"], "--mixup is a Beta parameter"),
+    (["--seed", str(10 ** 20)], "--seed is in [0, 2**32)"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--amp", "fp16"], "--amp fp16 on a CPU is emulated"),
+])
+def test_bad_values_are_refused_before_any_work_and_leave_no_folder(option, message, tmp_path, capsys):
+    code, printed = cli([*TINY, *option, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and message in printed and printed.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_that_cannot_hold_a_run_is_refused_before_the_data_is_loaded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tm, "load_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    (tmp_path / "file").write_text("")
+    assert cli([*TINY, "--out", tmp_path / "file"], capsys) == (2, f"train_minimal.py: error: --out "
+                                                                 f"{tmp_path / 'file'} is a file, not a folder: "
+                                                                 f"choose another --out\n")
+    code, printed = cli([*TINY, "--out", tmp_path / "file" / "run"], capsys)
+    assert code == 2 and f"cannot write into {tmp_path / 'file'}" in printed
+
+
+def test_a_new_run_never_replaces_a_run_unless_told_to(finished_run, tmp_path, capsys, monkeypatch):
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    code, printed = cli([*TINY, "--epochs", "1", "--out", run], capsys)
+    assert code == 2 and f"holds a run already: continue it with --resume {run}" in printed
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+
+    (run / "best.pt").write_bytes(b"stale")  # a file of the old run that the new one rewrites only at its end
+    seen = []  # the folder's files whenever a checkpoint is about to be written
+    original = tm.save_checkpoint
+    monkeypatch.setattr(tm, "save_checkpoint", lambda *a: seen.append(sorted(f.name for f in run.iterdir()))
+                        or original(*a))
+    train(*TINY, "--epochs", "1", "--eval-every", "0", "--out", run, "--overwrite")
+    assert not {"best.pt", "summary.json", "metrics.csv"} & set(seen[0])  # gone before the first checkpoint
+    assert len(metrics(run)) == 1
+
+
+def test_weights_broken_by_the_last_step_of_an_epoch_never_reach_a_checkpoint(tmp_path, monkeypatch, capsys):
+    build = tm.build_optimizer
+
+    def poisoning(model, args, device):  # the 8th update (epoch 2, step 4 of 4) leaves a NaN weight
+        optimizer, count = build(model, args, device), [0]
+
+        def poisoned_step(self, *a, **k):
+            result = type(self).step(self, *a, **k)
+            count[0] += 1
+            if count[0] == 8:
+                next(model.parameters()).data.fill_(float("nan"))
+            return result
+
+        optimizer.step = types.MethodType(poisoned_step, optimizer)  # a bound method, as the scheduler expects
+        return optimizer
+
+    monkeypatch.setattr(tm, "build_optimizer", poisoning)
+    code, printed = cli([*TINY, "--epochs", "3", "--out", tmp_path / "run"], capsys)
+    assert code == 3 and "weights became NaN or infinite by epoch 2, step 4 of 4" in printed
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["progress"]["epoch"] == 2  # the end of epoch 1, the last good state
+    assert all(torch.isfinite(w).all() for w in checkpoint["model"].values() if w.is_floating_point())
+
+
+def test_a_nan_test_loss_stops_the_run_and_no_summary_claims_a_result(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tm, "evaluate", lambda *a: (float("nan"), 10.0))
+    code, printed = cli([*TINY, "--epochs", "1", "--out", tmp_path / "run"], capsys)
+    assert code == 3 and "the test loss after epoch 1 was nan" in printed
+    assert not (tmp_path / "run" / "summary.json").exists()
