@@ -645,6 +645,11 @@ def run(args, checkpoint, rank, world, device):
         if args.overwrite and not args.resume:  # no file of the replaced run may outlive it
             for name in [*RUN_FILES, "curves.png"]:
                 (out / name).unlink(missing_ok=True)
+        if checkpoint is not None and progress["history"]:  # finish what a stop after last.pt left unwritten
+            best = progress["best"]
+            if best and progress["step"] == 0 and best["epoch"] == progress["epoch"] - 1:
+                copy_atomically(out / "last.pt", out / "best.pt")  # last.pt is the best state
+            write_records(out, progress)
         name = f"{args.size} {args.mixer} {args.arch}" if args.model == "uninext" else args.model
         print(f"{args.dataset}: {data.num_train:,} training and {data.num_test:,} test images | {name}, "
               f"{n_params / 1e6:.2f}M parameters | {device_name(device, world)}, "
@@ -762,9 +767,7 @@ def run(args, checkpoint, rank, world, device):
             if rank == 0:
                 if improved:
                     copy_atomically(out / "last.pt", out / "best.pt")
-                write_csv(out / "metrics.csv", METRICS, progress["history"])
-                write_csv(out / "steps.csv", STEP_METRICS, progress["log"])
-                plot_curves(out, progress["history"], progress["log"])
+                write_records(out, progress)
                 print(describe_epoch(row, args.epochs, progress["history"]))
             if anyone(interrupt["requested"], device) and epoch < args.epochs:
                 raise KeyboardInterrupt(stopped_message(out, f"the end of epoch {epoch}"))
@@ -890,8 +893,15 @@ def replace_atomically(path, write):
     """Write `path` through write(temporary path), then move it into place in one step: a crash or Ctrl-C
     never leaves a half-written file where a complete one was."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:  # nothing half-written stays behind, whatever stopped the writing
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):  # a full disk: RuntimeError from torch.save, else OSError
+            raise
+        kept = f"; the previous {path.name} is intact" if path.exists() else ""
+        raise UsageError(f"could not write {path} ({first_line(e)}): is the disk full?{kept}") from None
 
 
 def copy_atomically(source, target):
@@ -972,6 +982,12 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress):
 METRICS = ["epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "img_per_s", "seconds",
            "cpu_seconds"]
 STEP_METRICS = ["step", "epoch", "lr", "train_loss", "train_acc1", "cpu_seconds"]
+
+
+def write_records(out, progress):
+    write_csv(out / "metrics.csv", METRICS, progress["history"])
+    write_csv(out / "steps.csv", STEP_METRICS, progress["log"])
+    plot_curves(out, progress["history"], progress["log"])
 
 
 def write_csv(path, columns, rows):

@@ -532,3 +532,39 @@ def test_a_nan_test_loss_stops_the_run_and_no_summary_claims_a_result(tmp_path, 
     code, printed = cli([*TINY, "--epochs", "1", "--out", tmp_path / "run"], capsys)
     assert code == 3 and "the test loss after epoch 1 was nan" in printed
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_run_killed_between_last_pt_and_the_files_after_it_is_completed_when_resumed(tmp_path, monkeypatch):
+    run, copy = tmp_path / "run", tm.copy_atomically
+
+    def killed(source, target):  # the process dies after last.pt, before best.pt and metrics.csv
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(tm, "copy_atomically", killed)
+    with pytest.raises(SystemExit):
+        train(*TINY, "--epochs", "2", "--out", run)
+    assert (run / "last.pt").exists() and not (run / "best.pt").exists() and not (run / "metrics.csv").exists()
+    monkeypatch.setattr(tm, "copy_atomically", copy)
+    summary = train("--resume", run)
+    assert torch.load(run / "best.pt", weights_only=True)["progress"]["epoch"] == summary["best_epoch"] + 1
+    assert [r["epoch"] for r in metrics(run)] == ["1", "2"]
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_intact_and_no_temporary_file(
+        tmp_path, monkeypatch, capsys):
+    run, save, calls = tmp_path / "run", torch.save, [0]
+
+    def filling(state, path):  # the disk fills up while the second checkpoint is written
+        calls[0] += 1
+        if calls[0] == 2:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+        return save(state, path)
+
+    monkeypatch.setattr(torch, "save", filling)
+    code, printed = cli([*TINY, "--epochs", "2", "--out", run], capsys)
+    assert code == 2 and f"could not write {run / 'last.pt'}" in printed and "previous last.pt is intact" in printed
+    assert not list(run.glob("*.tmp"))
+    assert torch.load(run / "last.pt", weights_only=True)["progress"]["epoch"] == 2  # the end of epoch 1
+    monkeypatch.setattr(torch, "save", save)
+    assert train("--resume", run)["epochs"] == 2
