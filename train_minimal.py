@@ -69,9 +69,11 @@ import shlex
 import signal
 import struct
 import time
+import zlib
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from PIL import Image
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -346,9 +348,13 @@ def read_fashion_mnist(args, train):
 def read_idx(path):
     """A gzipped IDX file (the MNIST format) as a uint8 tensor: two zero bytes, a type byte, the number of
     dimensions, each size as a big-endian int32, then the data."""
-    raw = gzip.decompress(path.read_bytes())
-    shape = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * raw[3]).reshape(shape)
+    try:
+        raw = gzip.decompress(path.read_bytes())
+        shape = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8, offset=4 + 4 * raw[3]).reshape(shape)
+    except (OSError, EOFError, IndexError, RuntimeError, ValueError, struct.error, zlib.error) as e:
+        raise UsageError(f"{path} is damaged ({first_line(e)}): reinstall it with apt-get install --reinstall "
+                         f"dataset-fashion-mnist") from None
 
 
 def torchvision_split(cls, folder, args, train, fix):
@@ -471,10 +477,19 @@ class FolderData:
                                v2.PILToTensor()])
         test_tf = v2.Compose([v2.Resize(size * 8 // 7), v2.CenterCrop(size), v2.PILToTensor()])
         try:
-            self.train_set = datasets.ImageFolder(root / "train", transform=train_tf)
-            self.test_set = datasets.ImageFolder(root / "val", transform=test_tf)
+            self.train_set = datasets.ImageFolder(root / "train", transform=train_tf, loader=read_image)
+            classes = self.train_set.class_to_idx
+            unknown = sorted({e.name for e in os.scandir(root / "val") if e.is_dir()} - classes.keys())
+            if unknown:
+                raise UsageError(f"{root / 'val'} has classes that {root / 'train'} lacks ({', '.join(unknown)}): "
+                                 f"the model cannot learn them; remove them or add training images")
+            self.test_set = datasets.ImageFolder(root / "val", transform=test_tf, loader=read_image,
+                                                 allow_empty=True)
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"cannot read the image folders in {root}: {e}") from None
+        # Label the test images with the training set's class indices, also when val/ lacks some classes.
+        self.test_set.samples = [(path, classes[self.test_set.classes[t]]) for path, t in self.test_set.samples]
+        self.test_set.targets = [t for _, t in self.test_set.samples]
         self.num_classes, self.in_chans, self.img_size = len(self.train_set.classes), 3, size
         self.num_train, self.num_test = len(self.train_set), len(self.test_set)
         self.mean = torch.tensor([0.485, 0.456, 0.406], device=device) * 255  # ImageNet's statistics
@@ -488,9 +503,12 @@ class FolderData:
                           pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
 
     def batches(self, loader):
-        for images, labels in loader:  # (B, C, H, W) uint8
-            images = images.to(self.device, non_blocking=True).permute(0, 2, 3, 1)  # (B, H, W, C)
-            yield to_model_input(images, self.mean, self.std), labels.to(self.device, non_blocking=True)
+        try:
+            for images, labels in loader:  # (B, C, H, W) uint8
+                images = images.to(self.device, non_blocking=True).permute(0, 2, 3, 1)  # (B, H, W, C)
+                yield to_model_input(images, self.mean, self.std), labels.to(self.device, non_blocking=True)
+        except UsageError as e:  # from a worker, the message comes after the worker's traceback
+            raise UsageError(str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
 
     def train_batches(self, epoch, start=0):
         g = epoch_generator(self.args, epoch)
@@ -501,6 +519,16 @@ class FolderData:
     def test_batches(self):
         mine = torch.arange(self.rank, self.num_test, self.world).split(2 * self.local_batch)
         return self.batches(self.loader(self.test_set, [ids.tolist() for ids in mine], seed=0))
+
+
+def read_image(path):
+    """An image file as an RGB PIL image (torchvision's default loader), or an error that names the file."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{path} cannot be read as an image ({first_line(e)}): remove or replace it, then "
+                         f"continue with --resume") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -675,10 +703,10 @@ def run(args, checkpoint, rank, world, device):
                 hits[:start] = progress["partial"]["hits"].to(device)
                 train_seconds, train_cpu = progress["partial"]["seconds"], progress["partial"]["cpu_seconds"]
             cpu_before = sum(r["cpu_seconds"] for r in progress["history"])  # earlier epochs
-            bar = tqdm(total=steps, initial=start, desc=f"epoch {epoch}/{args.epochs}", unit="step",
-                       disable=rank != 0, leave=False, dynamic_ncols=True)
+            bar = tqdm(data.train_batches(epoch, start), total=steps, initial=start, unit="step",
+                       desc=f"epoch {epoch}/{args.epochs}", disable=rank != 0, leave=False, dynamic_ncols=True)
             tick, cpu_tick = time.perf_counter(), time.process_time()
-            for step, (images, labels) in enumerate(data.train_batches(epoch, start), start):
+            for step, (images, labels) in enumerate(bar, start):  # the bar closes itself on an error
                 targets = labels
                 if mixing is not None:
                     images, targets = mixing(images, labels)  # soft targets (B, num_classes)
@@ -695,7 +723,6 @@ def run(args, checkpoint, rank, world, device):
                     ema.update_parameters(model)
                 losses[step] = loss.detach()
                 hits[step] = (logits.argmax(1) == labels).sum()
-                bar.update()
                 log_now = (step + 1) % LOG_EVERY == 0 or step + 1 == steps
                 alone_and_stopped = world == 1 and interrupt["requested"]  # several processes must agree first
                 if not log_now and not alone_and_stopped:
@@ -932,7 +959,33 @@ def read_checkpoint(path):
         raise UsageError(f"{problem} ({first_line(e)}); best.pt beside it may still be good") from None
     if not (isinstance(checkpoint, dict) and {"config", "model", "progress"} <= checkpoint.keys()):
         raise UsageError(f"{problem} (it holds other data); best.pt beside it may still be good")
+    wrong = malformed(checkpoint)
+    if wrong:
+        raise UsageError(f"{problem} ({wrong} of the wrong type: was it edited by hand?); best.pt beside it may "
+                         f"still be good")
     return checkpoint
+
+
+def malformed(checkpoint):
+    """The first field of a checkpoint's configuration or progress record whose type is not what a run
+    writes, or None."""
+    config, progress = checkpoint["config"], checkpoint["progress"]
+    if not (isinstance(config, dict) and isinstance(progress, dict)):
+        return "the configuration or the progress record"
+    typical = vars(resolve(build_parser().parse_args(["--device", "cpu"])))
+    for key, value in config.items():
+        want = type(typical.get(key))
+        if want is not type(None) and value is not None and not (
+                type(value) is want or (want is float and type(value) is int)):
+            return f"option {key}"
+    shapes = {"epoch": int, "step": int, "history": list, "log": list, "best": (dict, type(None)),
+              "partial": (dict, type(None))}
+    for key, kind in shapes.items():
+        if key in progress and (not isinstance(progress[key], kind) or isinstance(progress[key], bool)):
+            return f"progress field {key}"
+    if not all(isinstance(r, dict) and set(METRICS) <= r.keys() for r in progress.get("history", [])):
+        return "a row of the history"
+    return None
 
 
 def first_line(error):

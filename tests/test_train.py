@@ -137,19 +137,68 @@ def test_cifar_files_in_the_real_layout_are_read_through_torchvision_and_trained
 
 
 def test_an_image_folder_is_read_by_dataloader_workers_and_trained_on(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 8), ("val", 4)]:
-        for c in ["cat", "dog"]:
-            (tmp_path / "images" / split / c).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)  # any size: cropped and resized
-                Image.fromarray(pixels).save(tmp_path / "images" / split / c / f"{i}.png")
+    image_folder(tmp_path / "images", {("train", "cat"): 8, ("train", "dog"): 8, ("val", "cat"): 4,
+                                       ("val", "dog"): 4})  # 40x48 images: any size is cropped and resized
     summary = train("--dataset", "imagefolder", "--data-dir", tmp_path / "images", "--size", "N32", "--device",
                     "cpu", "--batch-size", "4", "--epochs", "1", "--workers", "1", "--out", tmp_path / "run")
     assert (summary["train_images"], summary["test_images"]) == (16, 8)
     assert len(metrics(tmp_path / "run")) == 1
+
+
+def image_folder(root, counts, size=(40, 48)):
+    """Random images in root/<split>/<class>/<i>.png, counts = {(split, class): number}."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for (split, c), n in counts.items():
+        (root / split / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_test_images_are_labelled_by_the_training_classes_even_when_val_lacks_one(tmp_path):
+    root = image_folder(tmp_path / "images", {("train", "ant"): 4, ("train", "bee"): 4, ("train", "cat"): 4,
+                                              ("val", "bee"): 2, ("val", "cat"): 2})
+    args = tm.resolve(tm.build_parser().parse_args(["--dataset", "imagefolder", "--data-dir", str(root),
+                                                    "--size", "N32", "--device", "cpu", "--batch-size", "4"]))
+    data = tm.FolderData(args, torch.device("cpu"), 0, 1)
+    assert data.test_set.targets == [1, 1, 2, 2]  # bee and cat, as the model was trained to name them
+    image_folder(root, {("val", "dog"): 1})
+    with pytest.raises(tm.UsageError, match="has classes that .* lacks \\(dog\\)"):
+        tm.FolderData(args, torch.device("cpu"), 0, 1)
+
+
+def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys):
+    root = image_folder(tmp_path / "images", {("train", "ant"): 4, ("train", "bee"): 4, ("val", "ant"): 2})
+    (root / "train" / "bee" / "3.png").write_bytes(b"\x89PNG not really")
+    code, printed = cli(["--dataset", "imagefolder", "--data-dir", root, "--size", "N32", "--device", "cpu",
+                         "--batch-size", "8", "--epochs", "1", "--workers", "1", "--out", tmp_path / "run"], capsys)
+    error = printed.splitlines()[-1]  # after the line that the run prints when it starts
+    assert code == 2 and error.startswith("train_minimal.py: error: ")
+    assert f"{root / 'train' / 'bee' / '3.png'} cannot be read as an image" in error
+
+
+def test_a_damaged_fashion_mnist_file_is_named_with_the_fix(tmp_path, monkeypatch, capsys):
+    for name in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"]:
+        (tmp_path / name).write_bytes(b"\x1f\x8b\x08\x00 cut short")
+    monkeypatch.setattr(tm, "DEBIAN_FASHION_MNIST", tmp_path)
+    code, printed = cli(["--dataset", "fashion-mnist", "--device", "cpu", "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "train-images-idx3-ubyte.gz is damaged" in printed
+    assert "apt-get install --reinstall dataset-fashion-mnist" in printed
+
+
+@pytest.mark.parametrize("edit", [("config", "epochs", [3]), ("config", "lr", "fast"), ("progress", "epoch", "2"),
+                                  ("progress", "history", {})])
+def test_a_checkpoint_edited_by_hand_into_the_wrong_types_is_refused(edit, finished_run, tmp_path, capsys):
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    part, key, value = edit
+    checkpoint[part][key] = value
+    torch.save(checkpoint, run / "last.pt")
+    code, printed = cli(["--resume", run], capsys)
+    assert code == 2 and "of the wrong type: was it edited by hand?" in printed and key in printed
 
 
 def test_crop_flip_gives_each_image_its_own_crop_and_flip_exactly_as_torchvision():
