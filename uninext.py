@@ -74,7 +74,7 @@ class DropPath(nn.Module):
             return x
         keep = 1.0 - self.p
         mask = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, 1, 1)
-        return x * mask / keep
+        return x * mask / keep if keep > 0 else x * mask  # p = 1: always dropped (not 0 / 0)
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -635,6 +635,23 @@ class Config:
     pc: bool = True
     mixer_pos: bool = False  # the mixer's original position encoding (on in vanilla)
 
+    def __post_init__(self):
+        """Refuse a configuration that would fail deep inside the model, or build something else silently."""
+        problems = []
+        for name, low in [("dims", 1), ("depths", 0), ("mixer_size", 0)]:
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 4
+                    and all(isinstance(v, int) and v >= low for v in value)):
+                problems.append(f"{name} must be 4 whole numbers >= {low}, one per stage, got {value!r}")
+        if not (isinstance(self.head_dim, int) and self.head_dim >= 1):
+            problems.append(f"head_dim must be a whole number >= 1, got {self.head_dim!r}")
+        elif not problems and any(d % self.head_dim for d in self.dims):
+            problems.append(f"head_dim {self.head_dim} must divide every stage width, dims {tuple(self.dims)}")
+        if not 0 <= self.drop_path < 1:
+            problems.append(f"drop_path is a probability in [0, 1), got {self.drop_path}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 # The mixers' extent per stage. At 224x224 the stage grids are 56, 28, 14, 7: windows of 7 divide them all;
 # CSWin's stripes widen 1, 2, 7 and the last stage (one 7x7 grid) is one global branch (0); PVT's reduction
@@ -727,8 +744,13 @@ class UniNeXt(nn.Module):
         return self.cfg.stem_stride * 8
 
     def check_input(self, x):
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans:
-            raise ValueError(f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans or x.shape[0] == 0:
+            raise ValueError(f"expected images of shape (B, {self.cfg.in_chans}, H, W) with B >= 1, got "
+                             f"{tuple(x.shape)}")
+        weights = self.head.weight.dtype
+        if x.dtype != weights and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            fix = f"x.to({weights})" if x.is_floating_point() else "standardise them into floats as in training"
+            raise ValueError(f"expected {weights} images (the model's dtype), got {x.dtype}: {fix}")
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(f"a {x.shape[2]}x{x.shape[3]} image is too small for this layout (total stride "
                              f"{self.min_size}): height and width must be at least {self.min_size}")

@@ -116,6 +116,20 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.compile_modes is None:
         args.compile_modes = ["off", "block"] if args.device == "cuda" else ["off"]
+    counts = {"--batch": args.batch, "--infer-batch": args.infer_batch, "--steps": args.steps,
+              "--img-size": args.img_size, "--num-classes": args.num_classes, "--threads": args.threads or 1}
+    problems = [f"{flag} must be at least 1" for flag, value in counts.items() if value < 1]
+    problems += ["--warmup must be 0 or more"] if args.warmup < 0 else []
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no GPU here; use --device cpu")
+    if args.json:  # found out now, not after every row was measured
+        place = args.json.absolute().parent
+        while not place.exists():
+            place = place.parent
+        if args.json.is_dir() or not (place.is_dir() and os.access(place, os.W_OK | os.X_OK)):
+            problems.append(f"--json {args.json}: cannot write there")
+    if problems:
+        parser.error("; ".join(problems))
     return args
 
 

@@ -50,3 +50,15 @@ def test_a_conv_backward_counts_twice_its_forward_flops_even_when_depthwise(grou
         y.sum().backward()
     assert forward == 2 * 2 * 16 * 16 * 64 * (64 // groups) * 9  # 2 FLOPs per MAC
     assert counter.get_total_flops() == 3 * forward  # forward, grad of the input, grad of the weight
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--json", "{file}/rows.json"], "cannot write there"),
+])
+def test_bad_options_are_refused_before_anything_is_measured(argv, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--quick", *(a.format(file=tmp_path / "file") for a in argv)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

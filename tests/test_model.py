@@ -1,6 +1,8 @@
 """uninext.py, as a specification: shapes, gradients, exact sizes, attention paths, receptive fields,
 padding, bad input and compilation, for every mixer in both architectures."""
 
+import re
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -297,21 +299,43 @@ def test_the_whole_model_compiles_and_trains_through_aot_autograd():
     (lambda: uninext.create_model("XL", "conv"), "unknown size 'XL'; choose one of T, S, B, T32, N32"),
     (lambda: uninext.create_model("T", "conv", arch="resnet"), "unknown arch 'resnet'; choose one of uninext"),
     (lambda: uninext.create_model("T", "conv", drop_rate=0.1), "unknown option(s) drop_rate; allowed:"),
+    (lambda: uninext.create_model("N32", "conv", depths=(1, 1, 3)), "depths must be 4 whole numbers >= 0"),
+    (lambda: uninext.create_model("N32", "conv", dims=(32, 64, 128)), "dims must be 4 whole numbers >= 1"),
+    (lambda: uninext.create_model("N32", "window", mixer_size=(-1, 4, 4, 4)), "mixer_size must be 4 whole numbers"),
+    (lambda: uninext.create_model("N32", "window", dims=(40, 64, 128, 256)),
+     "head_dim 16 must divide every stage width, dims (40, 64, 128, 256)"),
+    (lambda: uninext.create_model("N32", "conv", drop_path=1.0), "drop_path is a probability in [0, 1)"),
 ])
 def test_bad_model_options_raise_value_errors_that_list_what_is_allowed(call, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         call()
 
 
 @pytest.mark.parametrize("shape, message", [
-    ((2, 1, 32, 32), r"expected images of shape \(B, 3, H, W\), got \(2, 1, 32, 32\)"),
-    ((3, 32, 32), r"expected images of shape \(B, 3, H, W\), got \(3, 32, 32\)"),
+    ((2, 1, 32, 32), r"expected images of shape \(B, 3, H, W\) with B >= 1, got \(2, 1, 32, 32\)"),
+    ((3, 32, 32), r"expected images of shape \(B, 3, H, W\) with B >= 1, got \(3, 32, 32\)"),
     ((1, 3, 31, 64), "a 31x64 image is too small for this layout .* at least 32"),
+    ((0, 3, 32, 32), r"with B >= 1, got \(0, 3, 32, 32\)"),
 ])
 def test_bad_images_raise_value_errors(shape, message):
     model = uninext.create_model("T", "conv", depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match=message):
         model(torch.randn(*shape))
+
+
+@pytest.mark.parametrize("dtype, fix", [(torch.float64, r"x.to\(torch.float32\)"), (torch.uint8, "standardise")])
+def test_images_of_another_dtype_are_refused_with_the_fix_and_autocast_is_allowed(dtype, fix):
+    model = small_model("window", "uninext")
+    with pytest.raises(ValueError, match=f"expected torch.float32 images .* got {dtype}: {fix}"):
+        model(torch.zeros(1, 3, 32, 32, dtype=dtype))
+    with torch.autocast("cpu", torch.bfloat16):
+        assert model(torch.zeros(1, 3, 32, 32)).dtype == torch.bfloat16
+
+
+def test_drop_path_of_one_drops_the_branch_instead_of_dividing_by_zero():
+    drop = uninext.DropPath(1.0).train()
+    x = torch.randn(4, 3, requires_grad=True)
+    assert torch.equal(drop(x), torch.zeros(4, 3))
 
 
 def test_small_presets_take_images_down_to_16_pixels():
