@@ -49,11 +49,11 @@ last.pt and best.pt (everything needed to continue exactly: model, optimiser, sc
 all random states, the configuration; plain tensors and dicts, loaded with weights_only=True) and
 summary.json. best.pt is chosen on the test set, so its accuracy is optimistic: report the last epoch's.
 
-Ctrl-C stops after the current step (under torchrun: at the next progress update), saves last.pt there and
-prints the command that resumes; a run stopped anywhere and resumed ends with the same metrics and weights as
-a run never stopped (tested on the CPU).
-Exit codes: 0 done, 2 bad input (the message says what to do), 3 the loss became NaN or infinite,
-130 stopped by Ctrl-C.
+Ctrl-C or SIGTERM stops after the current step (under torchrun: at the next progress update), saves last.pt
+there and prints the command that resumes; a run stopped anywhere and resumed ends with the same metrics and
+weights as a run never stopped (tested on the CPU). One run folder takes one run at a time (a lock file).
+Exit codes: 0 done, 2 bad input (the message says what to do), 3 the loss, the weights or the test loss
+became NaN or infinite, 130 stopped by Ctrl-C or SIGTERM.
 
 Other scripts import this file: `train(build_parser().parse_args([...]))` returns the summary dict.
 """
@@ -70,8 +70,13 @@ import signal
 import struct
 import time
 import zlib
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
+
+try:
+    import fcntl  # run-folder locks, POSIX only
+except ImportError:
+    fcntl = None
 
 from PIL import Image
 import torch
@@ -619,13 +624,14 @@ def train(args, checkpoint=None):
     try:
         if args.batch_size % world:
             raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
-        return run(args, checkpoint, rank, world, device)
+        with ExitStack() as cleanup:
+            return run(args, checkpoint, rank, world, device, cleanup)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def run(args, checkpoint, rank, world, device):
+def run(args, checkpoint, rank, world, device, cleanup):
     out = Path(args.out)
     if args.resume:
         checkpoint = checkpoint or read_checkpoint(out / "last.pt")
@@ -670,6 +676,7 @@ def run(args, checkpoint, rank, world, device):
         step_model = DistributedDataParallel(step_model, device_ids=[device] if device.type == "cuda" else None)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        cleanup.enter_context(folder_lock(out))  # released when train() returns or fails
         if args.overwrite and not args.resume:  # no file of the replaced run may outlive it
             for name in [*RUN_FILES, "curves.png"]:
                 (out / name).unlink(missing_ok=True)
@@ -689,7 +696,7 @@ def run(args, checkpoint, rank, world, device):
 
     steps = data.steps_per_epoch
     estimated = False  # the cost of the whole run is estimated once, after the first steps
-    with stop_on_ctrl_c() as interrupt:
+    with stop_on_signal() as interrupt:
         for epoch in range(progress["epoch"], args.epochs + 1):
             # Accumulators on the device, so that a step never waits for the GPU: the loss and the correct
             # guesses of every step. Time is counted twice: wall seconds, and the CPU-seconds the processes
@@ -724,7 +731,7 @@ def run(args, checkpoint, rank, world, device):
                 losses[step] = loss.detach()
                 hits[step] = (logits.argmax(1) == labels).sum()
                 log_now = (step + 1) % LOG_EVERY == 0 or step + 1 == steps
-                alone_and_stopped = world == 1 and interrupt["requested"]  # several processes must agree first
+                alone_and_stopped = world == 1 and bool(interrupt["requested"])  # several processes agree first
                 if not log_now and not alone_and_stopped:
                     continue
 
@@ -760,13 +767,14 @@ def run(args, checkpoint, rank, world, device):
                     estimated = True
                     tqdm.write(estimate(args, device, steps, (epoch - 1) * steps + step + 1, (now - tick) /
                                         (step + 1 - start), world * (cpu_now - cpu_tick) / (step + 1 - start)))
-                if anyone(interrupt["requested"], device) and step + 1 < steps:
+                if anyone(bool(interrupt["requested"]), device) and step + 1 < steps:
                     bar.close()
                     partial = {"losses": losses[:step + 1].cpu(), "hits": hits[:step + 1].cpu(),
                                "seconds": train_seconds + now - tick, "cpu_seconds": train_cpu + cpu_now - cpu_tick}
                     progress.update(epoch=epoch, step=step + 1, partial=partial)
                     save()
-                    raise KeyboardInterrupt(stopped_message(out, f"epoch {epoch}, step {step + 1} of {steps}"))
+                    raise KeyboardInterrupt(stopped_message(out, f"epoch {epoch}, step {step + 1} of {steps}",
+                                                            interrupt["requested"]))
             bar.close()
             train_seconds += time.perf_counter() - tick
             train_cpu += time.process_time() - cpu_tick
@@ -796,8 +804,8 @@ def run(args, checkpoint, rank, world, device):
                     copy_atomically(out / "last.pt", out / "best.pt")
                 write_records(out, progress)
                 print(describe_epoch(row, args.epochs, progress["history"]))
-            if anyone(interrupt["requested"], device) and epoch < args.epochs:
-                raise KeyboardInterrupt(stopped_message(out, f"the end of epoch {epoch}"))
+            if anyone(bool(interrupt["requested"]), device) and epoch < args.epochs:
+                raise KeyboardInterrupt(stopped_message(out, f"the end of epoch {epoch}", interrupt["requested"]))
 
     summary = summarise(args, progress, data, n_params, amp, device, world)
     if rank == 0:
@@ -831,21 +839,25 @@ def evaluate(model, data, autocast):
 
 
 @contextmanager
-def stop_on_ctrl_c():
-    """Turn the first Ctrl-C into a request (`interrupt["requested"]`) that the loop honours between steps, so
-    that no step is left half done; a second Ctrl-C interrupts at once."""
-    interrupt = {"requested": False}
-    previous = signal.getsignal(signal.SIGINT)
+def stop_on_signal():
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM (what schedulers and `kill` send) into a request
+    (`interrupt["requested"]`: what was received) that the loop honours between steps, so that no step is
+    left half done; a second one interrupts at once."""
+    interrupt = {"requested": None}
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def request(signum, frame):
-        interrupt["requested"] = True
-        signal.signal(signal.SIGINT, previous)
+        interrupt["requested"] = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-    signal.signal(signal.SIGINT, request)
+    for s in previous:
+        signal.signal(s, request)
     try:
         yield interrupt
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def device_name(device, world):
@@ -891,8 +903,8 @@ def describe_last(progress, out):
     return f"{out / 'last.pt'} still holds {where}, the last good state."
 
 
-def stopped_message(out, where):
-    return (f"stopped by Ctrl-C at {where}, saved in {out / 'last.pt'}; continue with:\n"
+def stopped_message(out, where, why):
+    return (f"stopped by {why or 'another process'} at {where}, saved in {out / 'last.pt'}; continue with:\n"
             f"    python train_minimal.py --resume {shlex.quote(str(out))}")
 
 
@@ -914,6 +926,20 @@ def summarise(args, progress, data, n_params, amp, device, world):
 
 # ----------------------------------------------------------------------------------------------------------
 # Saving and resuming
+
+
+@contextmanager
+def folder_lock(out):
+    """An exclusive lock on out/.lock while the block runs (the operating system also drops it when the
+    process ends, however it ends), so that two runs never write into one folder."""
+    with open(out / ".lock", "w") as handle:
+        if fcntl is not None:  # POSIX; on Windows the folder is not locked
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"another process is writing into {out}: wait for it to end, or choose "
+                                 f"another --out") from None
+        yield
 
 
 def replace_atomically(path, write):

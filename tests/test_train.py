@@ -360,27 +360,29 @@ def never_stopped(tmp_path_factory):
     return out
 
 
-def interrupt_at(monkeypatch, epoch, step):
-    """Press Ctrl-C (a real SIGINT to this process) as step `step` (counted from 0) of `epoch` starts."""
+def interrupt_at(monkeypatch, epoch, step, signum=signal.SIGINT):
+    """Press Ctrl-C (a real SIGINT to this process), or send another signal, as step `step` (counted from 0)
+    of `epoch` starts."""
     batches = tm.TensorData.train_batches
 
     def batches_with_ctrl_c(self, e, start=0):
         for i, batch in enumerate(batches(self, e, start), start):
             if (e, i) == (epoch, step):
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signum)
             yield batch
 
     monkeypatch.setattr(tm.TensorData, "train_batches", batches_with_ctrl_c)
 
 
-@pytest.mark.parametrize("epoch, step", [(2, 1), (1, 3)], ids=["mid-epoch", "end-of-epoch"])
+@pytest.mark.parametrize("epoch, step, signum", [(2, 1, signal.SIGINT), (1, 3, signal.SIGINT), (2, 2, signal.SIGTERM)],
+                         ids=["mid-epoch", "end-of-epoch", "SIGTERM"])
 def test_ctrl_c_saves_and_the_resumed_run_ends_exactly_like_one_never_stopped(
-        epoch, step, never_stopped, tmp_path, monkeypatch, capsys):
+        epoch, step, signum, never_stopped, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     monkeypatch.setattr(tm, "LOG_EVERY", RESUME_LOG_EVERY)
-    interrupt_at(monkeypatch, epoch, step)
+    interrupt_at(monkeypatch, epoch, step, signum)
     code, printed = cli([*RESUMABLE, "--out", out], capsys)
-    assert code == 130
+    assert code == 130 and f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} at" in printed
     assert f"python train_minimal.py --resume {out}" in printed
     monkeypatch.undo()
 
@@ -617,3 +619,14 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_intact_and_no_tempo
     assert torch.load(run / "last.pt", weights_only=True)["progress"]["epoch"] == 2  # the end of epoch 1
     monkeypatch.setattr(torch, "save", save)
     assert train("--resume", run)["epochs"] == 2
+
+
+@pytest.mark.skipif(tm.fcntl is None, reason="run-folder locks need POSIX")
+def test_two_runs_never_write_into_one_folder_at_the_same_time(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as held:  # as another process running there would hold it
+        tm.fcntl.flock(held, tm.fcntl.LOCK_EX | tm.fcntl.LOCK_NB)
+        code, printed = cli([*TINY, "--epochs", "1", "--out", tmp_path / "run"], capsys)
+    assert code == 2 and f"another process is writing into {tmp_path / 'run'}" in printed
+    assert not (tmp_path / "run" / "last.pt").exists()
+    train(*TINY, "--epochs", "1", "--out", tmp_path / "run")  # the lock is gone with its holder
