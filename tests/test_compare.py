@@ -90,7 +90,7 @@ def test_a_diverged_run_is_recorded_reported_and_not_retried(tmp_path, monkeypat
     (["--size", "N32", "--mixers", "swin"], "same network as window"),
     (["--seed", "3"], "--seed: set by the sweep"),
     (["--seeds", "1", "1"], "each seed once"),
-    (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "-1"], "--lr must be a positive number"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
