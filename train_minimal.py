@@ -240,8 +240,6 @@ def resolve(args):
         (args.eval_only and not args.resume, "--eval-only evaluates a stored run: give it --resume DIR"),
         (args.resume and Path(args.out).resolve() != Path(args.resume).resolve(),
          "--resume continues the run in its own folder: drop --out"),
-        (args.amp == "fp16" and pick_device(args.device, 0).type == "cpu",
-         "--amp fp16 on a CPU is emulated, about 30x slower than --amp off: use off (or bf16)"),
     ] if bad]
     if problems:
         raise UsageError("; ".join(problems))
@@ -686,6 +684,8 @@ def run(args, checkpoint, rank, world, device, cleanup):
                 copy_atomically(out / "last.pt", out / "best.pt")  # last.pt is the best state
             write_records(out, progress)
         name = f"{args.size} {args.mixer} {args.arch}" if args.model == "uninext" else args.model
+        if amp == "fp16" and device.type == "cpu":
+            print("warning: --amp fp16 on a CPU is emulated and can be 30x slower than --amp off")
         print(f"{args.dataset}: {data.num_train:,} training and {data.num_test:,} test images | {name}, "
               f"{n_params / 1e6:.2f}M parameters | {device_name(device, world)}, "
               f"amp {amp}{', compiled' if args.compile else ''} | {out}")

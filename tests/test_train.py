@@ -6,6 +6,7 @@ this process, and through a subprocess only where the process itself is the poin
 
 import csv
 import json
+import math
 import pickle
 import shutil
 import signal
@@ -519,7 +520,6 @@ def test_the_command_line_reports_bad_input_in_one_line_with_exit_code_2_and_no_
     (["--mixup", "-1"], "--mixup is a Beta parameter"),
     (["--seed", str(10 ** 20)], "--seed is in [0, 2**32)"),
     (["--workers", "-1"], "--workers must be 0 or more"),
-    (["--amp", "fp16"], "--amp fp16 on a CPU is emulated"),
 ])
 def test_bad_values_are_refused_before_any_work_and_leave_no_folder(option, message, tmp_path, capsys):
     code, printed = cli([*TINY, *option, "--out", tmp_path / "run"], capsys)
@@ -630,3 +630,12 @@ def test_two_runs_never_write_into_one_folder_at_the_same_time(tmp_path, capsys)
     assert code == 2 and f"another process is writing into {tmp_path / 'run'}" in printed
     assert not (tmp_path / "run" / "last.pt").exists()
     train(*TINY, "--epochs", "1", "--out", tmp_path / "run")  # the lock is gone with its holder
+
+
+def test_fp16_with_its_grad_scaler_trains_resumes_and_warns_on_a_cpu(tmp_path, capsys):
+    summary = train(*TINY, "--epochs", "1", "--amp", "fp16", "--out", tmp_path / "run")
+    assert summary["amp"] == "fp16" and math.isfinite(summary["test_loss"])
+    assert "warning: --amp fp16 on a CPU is emulated" in capsys.readouterr().out
+    scaler = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0  # a live GradScaler was saved, to be restored on --resume
+    assert train("--resume", tmp_path / "run", "--eval-only")["test_acc1"] == summary["test_acc1"]
