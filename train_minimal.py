@@ -60,6 +60,7 @@ Other scripts import this file: `train(build_parser().parse_args([...]))` return
 
 import argparse
 import csv
+import dataclasses
 import gzip
 import json
 import math
@@ -970,6 +971,7 @@ def save_checkpoint(path, args, model, optimizer, scheduler, scaler, ema, progre
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "normalisation": {"mean": data.mean.cpu(), "std": data.std.cpu()},  # to use the model elsewhere
+        "model_config": dataclasses.asdict(model.cfg) if isinstance(model, uninext.UniNeXt) else None,
     }
     replace_atomically(path, lambda tmp: torch.save(state, tmp))
 

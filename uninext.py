@@ -35,11 +35,13 @@ that also returns the attention probabilities.
     import torch, uninext
     model = uninext.create_model("T", "window")   # UniNeXt-T with local window attention, 23.52M params
     model(torch.randn(1, 3, 224, 224)).shape       # (1, 1000)
+    model = uninext.load("runs/cifar100-conv-uninext")   # a model trained by train_minimal.py, ready to use
 """
 
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -495,15 +497,16 @@ class ConvStem(nn.Module):
     def __init__(self, in_chans, dim, stride):
         super().__init__()
         half = dim // 2
-        self.layers = nn.Sequential(
-            Conv(in_chans, half, 3, stride=stride // 2, padding=1), nn.LayerNorm(half), nn.GELU(),
-            Conv(half, half, 3, padding=1), nn.LayerNorm(half), nn.GELU(),
-            Conv(half, half, 3, padding=1), nn.LayerNorm(half), nn.GELU(),
-        )
+        self.conv1, self.norm1 = Conv(in_chans, half, 3, stride=stride // 2, padding=1), nn.LayerNorm(half)
+        self.conv2, self.norm2 = Conv(half, half, 3, padding=1), nn.LayerNorm(half)
+        self.conv3, self.norm3 = Conv(half, half, 3, padding=1), nn.LayerNorm(half)
         self.down = Downsample(half, dim)
 
     def forward(self, x):
-        return self.down(self.layers(x))
+        x = F.gelu(self.norm1(self.conv1(x)))
+        x = F.gelu(self.norm2(self.conv2(x)))
+        x = F.gelu(self.norm3(self.conv3(x)))
+        return self.down(x)
 
 
 class PatchEmbed(nn.Module):
@@ -531,6 +534,17 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x))
 
 
+class HdC(nn.Module):
+    """High-dimensional Convolution, GELU(LN(DWConv(h))) on the MLP's hidden layer (see ICMLP)."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.conv, self.norm = DWConv(hidden), nn.LayerNorm(hidden)
+
+    def forward(self, h):
+        return F.gelu(self.norm(self.conv(h)))
+
+
 class ICMLP(nn.Module):
     """The channel MLP, fc1 (C -> 4C) -> GELU -> fc2 (4C -> C). With HdC (High-dimensional Convolution)
     it becomes UniNeXt's ICMLP (Inner Convolution MLP): a residual depthwise 3x3 conv, LayerNorm and GELU
@@ -541,7 +555,7 @@ class ICMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.hdc = nn.Sequential(DWConv(hidden), nn.LayerNorm(hidden), nn.GELU()) if hdc else None
+        self.hdc = HdC(hidden) if hdc else None
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -705,6 +719,21 @@ ARCHS = {
 # The model
 
 
+# Checkpoints written before the stem and HdC had named layers (nn.Sequential indices) load too.
+RENAMED = {"stem.layers.0.": "stem.conv1.", "stem.layers.1.": "stem.norm1.", "stem.layers.3.": "stem.conv2.",
+           "stem.layers.4.": "stem.norm2.", "stem.layers.6.": "stem.conv3.", "stem.layers.7.": "stem.norm3.",
+           ".mlp.hdc.0.": ".mlp.hdc.conv.", ".mlp.hdc.1.": ".mlp.hdc.norm."}
+
+
+def rename_old_keys(module, state_dict, prefix, *args):
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        new = key
+        for old, name in RENAMED.items():
+            new = new.replace(old, name)
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
+
+
 class UniNeXt(nn.Module):
     """Stem -> four stages -> head (LayerNorm, global average pool, Linear). Takes (B, in_chans, H, W)
     images; inside, one (B, H, W, C) layout throughout."""
@@ -721,6 +750,7 @@ class UniNeXt(nn.Module):
         self.norm = nn.LayerNorm(cfg.dims[-1])
         self.head = nn.Linear(cfg.dims[-1], cfg.num_classes)
         self.apply(self._init_weights)
+        self.register_load_state_dict_pre_hook(rename_old_keys)
 
     @staticmethod
     def _init_weights(m):
@@ -777,6 +807,11 @@ def create_model(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
     switches `conv_stem`, `ec`, `hdc`, `pc`, `mixer_pos`, and `drop_path`, `in_chans`, `dims`, `depths`,
     `mixer_size`, ... `mixer_pos` follows `ec` unless given: adding EC to the vanilla architecture replaces
     the mixer's original position encoding, as in UniNeXt."""
+    return UniNeXt(config(size, mixer, num_classes=num_classes, arch=arch, **overrides))
+
+
+def config(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
+    """The Config that create_model(...) with the same arguments builds, checked, without building it."""
     if size not in PRESETS:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(PRESETS)}")
     if mixer not in MIXERS:
@@ -792,4 +827,25 @@ def create_model(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
     settings = {**preset, **ARCHS[arch], "mixer_size": sizes[mixer], "num_classes": num_classes}
     if "ec" in overrides and "mixer_pos" not in overrides:
         settings["mixer_pos"] = not overrides["ec"]
-    return UniNeXt(Config(mixer=mixer, **{**settings, **overrides}))
+    return Config(mixer=mixer, **{**settings, **overrides})
+
+
+def load(path, map_location="cpu"):
+    """A UniNeXt trained by train_minimal.py, rebuilt from its checkpoint (a run folder means its last.pt;
+    the weights that were tested: the EMA's when the run kept one), in eval mode. The checkpoint holds the
+    model's Config, so nothing else (data, command line) is needed. The input normalisation it was trained
+    with, per channel on 0-255 pixel values, is in `model.pretrained_cfg` (timm's name)."""
+    path = Path(path)
+    path = path / "last.pt" if path.is_dir() else path
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or not checkpoint.get("model_config"):
+        raise ValueError(f"{path} holds no UniNeXt configuration: it is a baseline's checkpoint, was written by "
+                         f"an earlier version of train_minimal.py, or is not a checkpoint")
+    cfg = Config(**checkpoint["model_config"])
+    model = UniNeXt(cfg)
+    ema = checkpoint.get("ema")
+    state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")} if ema else None
+    model.load_state_dict(state or checkpoint["model"])
+    model.pretrained_cfg = {"input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
+                            **{k: tuple(v.tolist()) for k, v in checkpoint["normalisation"].items()}}
+    return model.eval()

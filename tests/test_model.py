@@ -383,3 +383,62 @@ def test_swin_differs_from_window_only_where_a_shifted_block_has_a_grid_larger_t
         with torch.no_grad():
             outputs.append(model(x))
     assert (not torch.allclose(*outputs)) == shifts
+
+
+# Every state-dict key of every mixer in both architectures, with stage, block and branch indices as N: a
+# saved model loads after a refactor only if these names stay.
+STATE_DICT_KEYS = {
+    "head": {"bias", "weight"},
+    "norm": {"bias", "weight"},
+    "stages.N.blocks.N.mixer.conv": {"bias", "weight"},
+    "stages.N.blocks.N.mixer.ec.N": {"bias", "weight"},
+    "stages.N.blocks.N.mixer.ec": {"bias", "weight"},
+    "stages.N.blocks.N.mixer.kv": {"bias", "weight"},
+    "stages.N.blocks.N.mixer.norm": {"bias", "weight"},
+    "stages.N.blocks.N.mixer.q": {"bias", "weight"},
+    "stages.N.blocks.N.mixer": {"q_bias", "v_bias"},
+    "stages.N.blocks.N.mixer.qkv": {"bias", "weight"},
+    "stages.N.blocks.N.mixer.rel_pos": {"table"},
+    "stages.N.blocks.N.mixer.sr": {"bias", "weight"},
+    "stages.N.blocks.N.mlp.fc1": {"bias", "weight"},
+    "stages.N.blocks.N.mlp.fc2": {"bias", "weight"},
+    "stages.N.blocks.N.mlp.hdc.conv": {"bias", "weight"},
+    "stages.N.blocks.N.mlp.hdc.norm": {"bias", "weight"},
+    "stages.N.blocks.N.norm1": {"bias", "weight"},
+    "stages.N.blocks.N.norm2": {"bias", "weight"},
+    "stages.N.blocks.N.pc": {"bias", "weight"},
+    "stages.N.blocks.N.proj": {"bias", "weight"},
+    "stages.N.downsample.conv": {"bias", "weight"},
+    "stages.N.downsample.norm": {"bias", "weight"},
+    "stages.N": {"pos_embed"},
+    "stem.conv1": {"bias", "weight"},
+    "stem.conv2": {"bias", "weight"},
+    "stem.conv3": {"bias", "weight"},
+    "stem.down.conv": {"bias", "weight"},
+    "stem.down.norm": {"bias", "weight"},
+    "stem.norm": {"bias", "weight"},
+    "stem.norm1": {"bias", "weight"},
+    "stem.norm2": {"bias", "weight"},
+    "stem.norm3": {"bias", "weight"},
+    "stem.proj": {"bias", "weight"},
+}
+
+
+def test_state_dict_keys_are_names_and_stay_the_same():
+    keys = {re.sub(r"\.\d+(\.|$)", r".N\1", k) for m in uninext.MIXERS for a in uninext.ARCHS
+            for k in uninext.create_model("N32", m, arch=a).state_dict()}
+    assert keys == {f"{module}.{p}" for module, params in STATE_DICT_KEYS.items() for p in params}
+
+
+def test_a_checkpoint_with_the_earlier_numbered_stem_and_hdc_keys_still_loads():
+    model = small_model("window", "uninext")
+    old = {}
+    for key, value in model.state_dict().items():
+        for before, after in [("stem.conv1.", "stem.layers.0."), ("stem.norm3.", "stem.layers.7."),
+                              (".mlp.hdc.conv.", ".mlp.hdc.0."), (".mlp.hdc.norm.", ".mlp.hdc.1.")]:
+            key = key.replace(before, after)
+        old[key] = value
+    assert "stem.layers.0.weight" in old and any(".mlp.hdc.1." in k for k in old)
+    fresh = small_model("window", "uninext")
+    fresh.load_state_dict(old)  # strict: every key found
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())

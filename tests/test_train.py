@@ -4,6 +4,7 @@ trains the same with DistributedDataParallel, and answers bad input with a messa
 a traceback. All on the CPU with the N32 preset and a few hundred images; runs go through `main(argv)` in
 this process, and through a subprocess only where the process itself is the point (torchrun, exit codes)."""
 
+import contextlib
 import csv
 import json
 import math
@@ -23,6 +24,7 @@ from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
 import train_minimal as tm
+import uninext
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "N32", "--device", "cpu", "--dataset", "synthetic", "--train-size", "128", "--batch-size", "32"]
@@ -639,3 +641,18 @@ def test_fp16_with_its_grad_scaler_trains_resumes_and_warns_on_a_cpu(tmp_path, c
     scaler = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["scaler"]
     assert scaler["scale"] > 0  # a live GradScaler was saved, to be restored on --resume
     assert train("--resume", tmp_path / "run", "--eval-only")["test_acc1"] == summary["test_acc1"]
+
+
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_uninext_load_rebuilds_the_tested_model_from_the_run_folder_alone(ema, tmp_path):
+    summary = train(*TINY, "--epochs", "1", "--mixer", "window", "--ema", ema, "--out", tmp_path / "run")
+    model = uninext.load(tmp_path / "run")
+    assert not model.training and model.cfg.mixer == "window" and model.cfg.num_classes == 10
+    args = tm.resolve(tm.build_parser().parse_args([*TINY, "--out", str(tmp_path / "other")]))
+    data = tm.load_data(args, torch.device("cpu"))
+    assert model.pretrained_cfg["mean"] == tuple(data.mean.tolist())
+    assert tm.evaluate(model, data, contextlib.nullcontext)[1] == summary["test_acc1"]
+    train("--model", "cnn", "--device", "cpu", "--dataset", "synthetic", "--train-size", "64", "--batch-size", "32",
+          "--epochs", "1", "--out", tmp_path / "cnn")
+    with pytest.raises(ValueError, match="holds no UniNeXt configuration"):
+        uninext.load(tmp_path / "cnn" / "last.pt")
