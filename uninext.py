@@ -40,7 +40,7 @@ that also returns the attention probabilities.
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -250,12 +250,20 @@ class RelativePositionBias(nn.Module):
         self.window = window
         self.table = nn.Parameter(torch.empty((2 * window - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.table, std=0.02)
+        # The full window's index, built once and moved with the module (not saved): no host-to-device
+        # copy on every forward.
+        self.register_buffer("index", self.table_index(window, window), persistent=False)
 
-    def forward(self, wh, ww):
+    def table_index(self, wh, ww):
+        """(N, N) row of the table for each (query, key) pair of a wh x ww window."""
         coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
         offsets = coords[:, :, None] - coords[:, None, :] + self.window - 1  # (2, N, N), in [0, 2w-2]
-        index = offsets[0] * (2 * self.window - 1) + offsets[1]  # (N, N)
-        return self.table[index.to(self.table.device)].permute(2, 0, 1)  # (heads, N, N)
+        return offsets[0] * (2 * self.window - 1) + offsets[1]
+
+    def forward(self, wh, ww):
+        full = (wh, ww) == (self.window, self.window)
+        index = self.index if full else self.table_index(wh, ww).to(self.table.device)
+        return self.table[index].permute(2, 0, 1)  # (heads, N, N)
 
 
 class AttentionMixer(nn.Module):
@@ -661,6 +669,8 @@ class Config:
             problems.append(f"head_dim must be a whole number >= 1, got {self.head_dim!r}")
         elif not problems and any(d % self.head_dim for d in self.dims):
             problems.append(f"head_dim {self.head_dim} must divide every stage width, dims {tuple(self.dims)}")
+        if not (isinstance(self.num_classes, int) and self.num_classes >= 0):
+            problems.append(f"num_classes must be a whole number >= 0 (0: no head), got {self.num_classes!r}")
         if not 0 <= self.drop_path < 1:
             problems.append(f"drop_path is a probability in [0, 1), got {self.drop_path}")
         if problems:
@@ -747,8 +757,9 @@ class UniNeXt(nn.Module):
         rates = [cfg.drop_path * i / max(n - 1, 1) for i in range(n)]  # linear from 0 to drop_path
         starts = [sum(cfg.depths[:i]) for i in range(4)]
         self.stages = nn.ModuleList(Stage(cfg, i, rates[starts[i]:starts[i] + cfg.depths[i]]) for i in range(4))
-        self.norm = nn.LayerNorm(cfg.dims[-1])
-        self.head = nn.Linear(cfg.dims[-1], cfg.num_classes)
+        self.num_features = cfg.dims[-1]  # the width of the pooled features (timm's name)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.apply(self._init_weights)
         self.register_load_state_dict_pre_hook(rename_old_keys)
 
@@ -777,7 +788,7 @@ class UniNeXt(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.cfg.in_chans or x.shape[0] == 0:
             raise ValueError(f"expected images of shape (B, {self.cfg.in_chans}, H, W) with B >= 1, got "
                              f"{tuple(x.shape)}")
-        weights = self.head.weight.dtype
+        weights = self.norm.weight.dtype
         if x.dtype != weights and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
             fix = f"x.to({weights})" if x.is_floating_point() else "standardise them into floats as in training"
             raise ValueError(f"expected {weights} images (the model's dtype), got {x.dtype}: {fix}")
@@ -785,20 +796,40 @@ class UniNeXt(nn.Module):
             raise ValueError(f"a {x.shape[2]}x{x.shape[3]} image is too small for this layout (total stride "
                              f"{self.min_size}): height and width must be at least {self.min_size}")
 
-    def forward_features(self, x):
+    def forward_intermediates(self, x, norm=False):
         """(B, in_chans, H, W) -> the four stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 (2 to 16 for
-        the small-image presets), as channels_last NCHW views, for dense tasks."""
+        the small-image presets), as channels_last NCHW views: the pyramid for a detection or segmentation
+        neck. The maps are not normalised (each Post Convolution adds to the residual stream unnormalised,
+        so their scale grows with depth); norm=True standardises every token over its channels (a LayerNorm
+        without parameters), as necks usually want."""
         self.check_input(x)
         x = self.stem(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
         features = []
         for stage in self.stages:
             x = stage(x)
-            features.append(x.permute(0, 3, 1, 2))
-        return features
+            features.append(F.layer_norm(x, x.shape[-1:]) if norm else x)
+        return [f.permute(0, 3, 1, 2) for f in features]
+
+    def forward_features(self, x):
+        """(B, in_chans, H, W) -> the last stage's map after the final LayerNorm, (B, H/32, W/32, 8C) (timm's
+        convention for models that work in (B, H, W, C), as its Swin)."""
+        return self.norm(self.forward_intermediates(x)[-1].permute(0, 2, 3, 1))
+
+    def forward_head(self, x, pre_logits=False):
+        """(B, H, W, C) from forward_features -> the pooled features (B, num_features) with pre_logits=True,
+        else the logits (B, num_classes)."""
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
 
     def forward(self, x):
-        x = self.forward_features(x)[-1].permute(0, 2, 3, 1)  # (B, H/32, W/32, 8C)
-        return self.head(self.norm(x).mean(dim=(1, 2)))  # (B, num_classes)
+        return self.forward_head(self.forward_features(x))  # (B, num_classes)
+
+    def reset_classifier(self, num_classes):
+        """A new, freshly initialised head for `num_classes` classes (0: none, the model gives the pooled
+        features), for fine-tuning on another label set."""
+        self.cfg = replace(self.cfg, num_classes=num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self.head.apply(self._init_weights)
 
 
 def create_model(size, mixer, *, num_classes=1000, arch="uninext", **overrides):

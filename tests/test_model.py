@@ -51,10 +51,46 @@ def test_a_gradient_reaches_every_parameter(mixer, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mixer", ALL_MIXERS)
-def test_forward_features_gives_four_maps_at_strides_4_to_32(mixer, arch):
+def test_forward_intermediates_gives_four_maps_at_strides_4_to_32(mixer, arch):
     model = uninext.create_model("T", mixer, arch=arch, depths=(1, 1, 1, 1))
-    features = model.forward_features(torch.randn(1, 3, 64, 96))
+    features = model.forward_intermediates(torch.randn(1, 3, 64, 96))
     assert [tuple(f.shape) for f in features] == [(1, 64, 16, 24), (1, 128, 8, 12), (1, 256, 4, 6), (1, 512, 2, 3)]
+
+
+def test_the_timm_style_parts_compose_into_forward():
+    model = small_model("window", "uninext").eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = model.forward_intermediates(x)
+    features = model.forward_features(x)
+    assert features.shape == (2, 2, 2, model.num_features) and model.num_features == 256
+    torch.testing.assert_close(features, model.norm(maps[-1].permute(0, 2, 3, 1)))
+    pooled = model.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(model(x), model.head(pooled))
+    normed = model.forward_intermediates(x, norm=True)
+    for raw, n in zip(maps, normed):  # each token standardised over its channels, no parameters
+        torch.testing.assert_close(n, torch.nn.functional.layer_norm(raw.permute(0, 2, 3, 1), raw.shape[1:2])
+                                   .permute(0, 3, 1, 2))
+        torch.testing.assert_close(n.mean(1), torch.zeros_like(n.mean(1)), atol=1e-5, rtol=0)
+
+
+def test_no_head_gives_pooled_features_and_reset_classifier_gives_a_fresh_head():
+    headless = uninext.create_model("N32", "conv", num_classes=0)
+    x = torch.randn(2, 3, 32, 32)
+    assert headless(x).shape == (2, 256) and not any("head" in n for n, _ in headless.named_parameters())
+    model = small_model("conv", "uninext")
+    body = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("head")}
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.cfg.num_classes == 3 and model.head.bias.abs().sum() == 0
+    assert all(torch.equal(p, body[n]) for n, p in model.named_parameters() if n in body)
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 256)
+
+
+def test_config_is_the_checked_configuration_that_create_model_builds():
+    cfg = uninext.config("N32", "window", num_classes=10, arch="vanilla", ec=True)
+    assert cfg == small_model("window", "vanilla", ec=True).cfg and cfg.ec and not cfg.mixer_pos
+    with pytest.raises(ValueError, match="num_classes must be a whole number >= 0"):
+        uninext.config("N32", "conv", num_classes=-1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -442,3 +478,14 @@ def test_a_checkpoint_with_the_earlier_numbered_stem_and_hdc_keys_still_loads():
     fresh = small_model("window", "uninext")
     fresh.load_state_dict(old)  # strict: every key found
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("wh, ww", [(4, 4), (2, 3)])
+def test_relative_position_bias_is_swins_index_built_once_and_not_saved(wh, ww):
+    bias = uninext.RelativePositionBias(4, num_heads=2)
+    # Swin's construction (Liu et al. 2021): pairwise offsets, shifted to start at 0, row-major in the table
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + 3
+    swin = rel[..., 0] * 7 + rel[..., 1]
+    torch.testing.assert_close(bias(wh, ww), bias.table[swin].permute(2, 0, 1))
+    assert torch.equal(bias.index, bias.table_index(4, 4)) and "index" not in bias.state_dict()
