@@ -444,12 +444,14 @@ def summarise(rows, args):
              "| CPU-min | MMAC vanilla / UniNeXt |", "|---|---|---|---|---|---|---|---|---|"]
     for m in mixers:
         lines.append(
-            f"| {m} | {cell_text(acc.get((m, 'vanilla', 'epochs')))} | {minutes(mixer=m, arch='vanilla', view='epochs'):.1f} "
+            f"| {m} | {cell_text(acc.get((m, 'vanilla', 'epochs')))} "
+            f"| {minutes(mixer=m, arch='vanilla', view='epochs'):.1f} "
             f"| {cell_text(acc.get((m, 'vanilla', 'cpu')))} | {cpu_epochs.get(m, '-')} "
             f"| {minutes(mixer=m, arch='vanilla', view='cpu'):.1f} | {cell_text(acc.get((m, 'uninext', 'epochs')))} "
             f"| {minutes(mixer=m, arch='uninext'):.1f} | {macs.get((m, 'vanilla'), 0) / 1e6:.1f} / "
             f"{macs.get((m, 'uninext'), 0) / 1e6:.1f} |")
-    lines += ["", "Baselines, the same recipe and epochs:", "", "| model | test top-1 | CPU-min | MMAC |", "|---|---|---|---|"]
+    lines += ["", "Baselines, the same recipe and epochs:", "", "| model | test top-1 | CPU-min | MMAC |",
+              "|---|---|---|---|"]
     lines += [f"| {b} | {cell_text(acc.get((b, b, 'epochs')))} | {minutes(model=b):.1f} | "
               f"{macs.get((b, b), 0) / 1e6:.1f} |" for b in BASELINES]
     diverged = [f"{r['mixer'] or r['model']} {r['arch']} ({r['view']}) seed {r['seed']}" for r in rows

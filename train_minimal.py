@@ -810,7 +810,8 @@ def run(args, checkpoint, rank, world, device, cleanup):
 
     summary = summarise(args, progress, data, n_params, amp, device, world)
     if rank == 0:
-        replace_atomically(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2, allow_nan=False)))
+        text = json.dumps(summary, indent=2, allow_nan=False)  # strict JSON: a NaN would be an error here
+        replace_atomically(out / "summary.json", lambda tmp: tmp.write_text(text))
         print(f"done: test top-1 {summary['test_acc1']:.2f}% after {args.epochs} epochs, "
               f"{summary['seconds'] / 60:.1f} min, {summary['img_per_s']:,.0f} img/s | {out}")
     return summary
@@ -1033,8 +1034,8 @@ def check_config(stored, args, path):
         asked = ", ".join(f"{k} {getattr(args, k, None)!r} (stored: {stored.get(k)!r})" for k in differ)
         why = " (its learning-rate schedule ends at the stored epochs)" if "epochs" in differ else ""
         raise UsageError(f"{path} is from another configuration: {asked}{why}. Continue it with its own "
-                         f"options (python train_minimal.py --resume {shlex.quote(str(path.parent))}), or start a new run with "
-                         f"another --out")
+                         f"options (python train_minimal.py --resume {shlex.quote(str(path.parent))}), or start a "
+                         f"new run with another --out")
 
 
 def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress):

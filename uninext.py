@@ -184,7 +184,7 @@ def grid_ids(Hp, Wp, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Spatial token mixers. Same constructor for all: (dim, num_heads, size, *, index, ec, pos), where `size`
+# Spatial token mixers. Same constructor for all: (dim, num_heads, extent, *, index, ec, pos), where `extent`
 # is the mixer's spatial extent in this stage (pooling kernel, conv kernel, window, stripe width, reduction
 # ratio; 0 means "the whole grid"), `index` the block's position in its stage, `ec` whether to add the
 # Embedded Convolution and `pos` whether to use the position encoding of the mixer's original paper.
@@ -198,13 +198,13 @@ class Pooling(nn.Module):
 
     position = None
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
         super().__init__()
-        self.size = size
+        self.extent = extent
         self.ec = DWConv(dim) if ec else None
 
     def forward(self, x):
-        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.size, 1, self.size // 2, count_include_pad=False)
+        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.extent, 1, self.extent // 2, count_include_pad=False)
         out = pooled.permute(0, 2, 3, 1) - x  # (B, H, W, C)
         return out + self.ec(x) if self.ec is not None else out
 
@@ -215,9 +215,9 @@ class DepthwiseConv(nn.Module):
 
     position = None
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
         super().__init__()
-        self.conv = DWConv(dim, size)
+        self.conv = DWConv(dim, extent)
         self.ec = DWConv(dim) if ec else None
 
     def forward(self, x):
@@ -232,7 +232,7 @@ class Identity(nn.Module):
 
     position = None
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
         super().__init__()
         self.ec = DWConv(dim) if ec else None
 
@@ -280,7 +280,7 @@ class AttentionMixer(nn.Module):
 
 class WindowAttention(AttentionMixer):
     """Local window attention (Swin without the shift): tokens attend only within non-overlapping
-    `size` x `size` windows, so cost grows linearly with the image. As in the UniNeXt release, q and v have
+    `extent` x `extent` windows, so cost grows linearly with the image. As in the UniNeXt release, q and v have
     biases and k has none (a k bias adds the same logit to every key of a query and cancels in the softmax).
 
     In UniNeXt the windows need no position bias: EC, a depthwise conv over the whole map of V, gives
@@ -288,19 +288,19 @@ class WindowAttention(AttentionMixer):
     Swin's relative position bias instead. A map that the window does not divide is zero-padded right and
     bottom (as the authors do), padded keys are masked so that they change nothing, and the result is
     cropped back. A window larger than the grid shrinks to it. Cost per token: 4C^2 MACs for qkv and
-    output projection (the latter in the block) plus 2*N*C for the attention over N = size^2 tokens."""
+    output projection (the latter in the block) plus 2*N*C for the attention over N = extent^2 tokens."""
 
     position = "relative"
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
         super().__init__(dim, num_heads)
-        self.window = size
+        self.window = extent
         self.shift = 0
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.ec = DWConv(dim) if ec else None
-        self.rel_pos = RelativePositionBias(size, num_heads) if pos and self.position == "relative" else None
+        self.rel_pos = RelativePositionBias(extent, num_heads) if pos and self.position == "relative" else None
 
     def window_shape(self, H, W):
         return (min(self.window, H), min(self.window, W)) if self.window else (H, W)
@@ -354,9 +354,9 @@ class ShiftedWindowAttention(WindowAttention):
     that information crosses window borders without a conv. The tokens that the roll wraps around from one
     edge to the other are not neighbours, so a mask keeps them apart. Same parameters as `window`."""
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
-        super().__init__(dim, num_heads, size, index=index, ec=ec, pos=pos)
-        self.shift = size // 2 if index % 2 else 0
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__(dim, num_heads, extent, index=index, ec=ec, pos=pos)
+        self.shift = extent // 2 if index % 2 else 0
 
 
 class GlobalAttention(WindowAttention):
@@ -366,14 +366,14 @@ class GlobalAttention(WindowAttention):
 
     position = "absolute"
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
         super().__init__(dim, num_heads, 0, index=index, ec=ec, pos=pos)
 
 
 class CrossShapedWindowAttention(AttentionMixer):
-    """CSWin's cross-shaped window: half of the heads attend within horizontal stripes of `size` rows, the
-    other half within vertical stripes of `size` columns, so a token sees a cross through itself at the
-    cost of a window. With size 0 (the last stage, where one stripe is the whole grid) a single branch with
+    """CSWin's cross-shaped window: half of the heads attend within horizontal stripes of `extent` rows, the
+    other half within vertical stripes of `extent` columns, so a token sees a cross through itself at the
+    cost of a window. With extent 0 (the last stage, where one stripe is the whole grid) a single branch with
     all heads attends globally. qkv has full biases.
 
     EC is applied to V per stripe, each stripe convolved on its own with zero padding at its borders: this
@@ -382,10 +382,10 @@ class CrossShapedWindowAttention(AttentionMixer):
 
     position = "lepe"
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
         super().__init__(dim, num_heads)
-        self.stripe = size
-        self.branches = 1 if size == 0 else 2
+        self.stripe = extent
+        self.branches = 1 if extent == 0 else 2
         self.branch_heads = max(num_heads // self.branches, 1)  # as CSWin: S's 3 heads become 1 + 1 of 48
         self.qkv = nn.Linear(dim, 3 * dim)
         self.ec = nn.ModuleList(DWConv(dim // self.branches) for _ in range(self.branches)) if ec or pos else None
@@ -422,20 +422,20 @@ class CrossShapedWindowAttention(AttentionMixer):
 
 class SpatialReductionAttention(AttentionMixer):
     """PVT's spatial-reduction attention: queries at full resolution, keys and values from the map shrunk
-    by a strided conv (kernel = stride = `size`) and a LayerNorm, so every token sees the whole image at
-    1/size^2 of global attention's cost. Ratio 1 is plain global attention. A map that the ratio does not
+    by a strided conv (kernel = stride = `extent`) and a LayerNorm, so every token sees the whole image at
+    1/extent^2 of global attention's cost. Ratio 1 is plain global attention. A map that the ratio does not
     divide is zero-padded before the reduction. Its V lives on the reduced grid, so EC runs on the input x.
     Its original position encoding is PVT v1's absolute embedding, which the stage adds (`pos`)."""
 
     position = "absolute"
 
-    def __init__(self, dim, num_heads, size, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
         super().__init__(dim, num_heads)
-        self.ratio = size
+        self.ratio = extent
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
-        if size > 1:
-            self.sr = Conv(dim, dim, size, stride=size)
+        if extent > 1:
+            self.sr = Conv(dim, dim, extent, stride=extent)
             self.norm = nn.LayerNorm(dim)
         self.ec = DWConv(dim) if ec else None
 
