@@ -10,6 +10,7 @@ import json
 import math
 import pickle
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -656,3 +657,9 @@ def test_uninext_load_rebuilds_the_tested_model_from_the_run_folder_alone(ema, t
           "--epochs", "1", "--out", tmp_path / "cnn")
     with pytest.raises(ValueError, match="holds no UniNeXt configuration"):
         uninext.load(tmp_path / "cnn" / "last.pt")
+
+
+def test_the_printed_resume_command_survives_a_shell():
+    message = tm.stopped_message(Path("runs/my run's"), "epoch 1, step 2 of 4", "Ctrl-C")
+    command = message.splitlines()[-1].strip()
+    assert shlex.split(command) == ["python", "train_minimal.py", "--resume", "runs/my run's"]
