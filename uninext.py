@@ -38,6 +38,7 @@ that also returns the attention probabilities.
     model = uninext.load("runs/cifar100-conv-uninext")   # a model trained by train_minimal.py, ready to use
 """
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -113,6 +114,36 @@ def padding_blocked(H, W, Hp, Wp, wh, ww, shift=(0, 0), device=None):
     padded = torch.roll((ids // Wp >= H) | (ids % Wp >= W), (-shift[0], -shift[1]), (1, 2))
     padded = window_partition(padded, wh, ww)[0, ..., 0]  # (nW, N)
     return padded[:, None, :] & ~padded[:, :, None]
+
+
+def cached(function):
+    """`function` with a cache of its results in eager mode; under torch.compile the function itself, which
+    the compiler traces and bakes into its graph (it does not look into caches)."""
+    cache = functools.lru_cache(maxsize=256)(function)
+
+    @functools.wraps(function)
+    def call(*args):
+        return function(*args) if torch.compiler.is_compiling() else cache(*args)
+
+    return call
+
+
+@cached
+def blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device):
+    """bool (nW, N, N), True where a query must not see a key: a padded key (`padding_blocked`), or a key
+    that Swin's roll by -(sh, sw) brought next to the query from the far edge of the map; None when
+    neither. It depends only on the shapes, so it is built once per shape and device, not on every
+    forward."""
+    blocked = padding_blocked(H, W, Hp, Wp, wh, ww, (sh, sw), device)
+    if sh or sw:
+        region = torch.zeros(1, Hp, Wp, 1, device=device)  # which part of the rolled map a token is from
+        for i, rows in enumerate(shift_slices(wh, sh)):
+            for j, cols in enumerate(shift_slices(ww, sw)):
+                region[:, rows, cols] = 3 * i + j
+        region = window_partition(region, wh, ww)[0, ..., 0]  # (nW, N)
+        apart = region[:, :, None] != region[:, None, :]
+        blocked = apart if blocked is None else blocked | apart
+    return blocked
 
 
 def window_mask(blocked, bias, nW, heads, N, dtype, device):
@@ -335,15 +366,7 @@ class WindowAttention(AttentionMixer):
         """Additive (nW*heads, N, N) mask, or None when nothing needs one (the usual UniNeXt case): it
         keeps padded keys away from real queries, keeps tokens that the shift wrapped around apart from
         their new neighbours (Swin), and carries the relative position bias (vanilla)."""
-        blocked = padding_blocked(H, W, Hp, Wp, wh, ww, (sh, sw), device)
-        if sh or sw:
-            region = torch.zeros(1, Hp, Wp, 1, device=device)  # which part of the rolled map a token is from
-            for i, rows in enumerate(shift_slices(wh, sh)):
-                for j, cols in enumerate(shift_slices(ww, sw)):
-                    region[:, rows, cols] = 3 * i + j
-            region = window_partition(region, wh, ww)[0, ..., 0]  # (nW, N)
-            apart = region[:, :, None] != region[:, None, :]
-            blocked = apart if blocked is None else blocked | apart
+        blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device)
         bias = self.rel_pos(wh, ww) if self.rel_pos is not None else None
         nW = (Hp // wh) * (Wp // ww)
         return window_mask(blocked, bias, nW, self.num_heads, wh * ww, dtype, device)
@@ -402,7 +425,7 @@ class CrossShapedWindowAttention(AttentionMixer):
         for b, (wh, ww) in enumerate(stripes):
             branch = qkv[:, :, :, :, b]  # (B, Hp, Wp, 3, h, d): this branch's half of the channels
             nW = (Hp // wh) * (Wp // ww)
-            blocked = padding_blocked(H, W, Hp, Wp, wh, ww, device=x.device)
+            blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, 0, 0, x.device)
             mask = window_mask(blocked, None, nW, heads, wh * ww, qkv.dtype, x.device)
             out, probs = attention_in_windows(branch, wh, ww, mask, manual=self.record is not None)
             if self.ec is not None:  # EC / LePE on V, each stripe convolved as its own little image

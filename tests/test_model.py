@@ -507,3 +507,11 @@ def test_relative_position_bias_is_swins_index_built_once_and_not_saved(wh, ww):
     swin = rel[..., 0] * 7 + rel[..., 1]
     torch.testing.assert_close(bias(wh, ww), bias.table[swin].permute(2, 0, 1))
     assert torch.equal(bias.index, bias.table_index(4, 4)) and "index" not in bias.state_dict()
+
+
+def test_shift_and_padding_masks_are_built_once_per_shape_and_equal_a_fresh_build():
+    shape = (5, 6, 8, 8, 4, 4, 2, 2, torch.device("cpu"))  # a 5x6 map padded to 8x8, windows of 4, shifted
+    first = uninext.blocked_pairs(*shape)
+    assert uninext.blocked_pairs(*shape) is first  # the cache, in eager mode
+    assert torch.equal(first, uninext.blocked_pairs.__wrapped__(*shape)) and first.any()
+    assert uninext.blocked_pairs(8, 8, 8, 8, 4, 4, 0, 0, torch.device("cpu")) is None  # nothing to block
