@@ -370,6 +370,10 @@ def mean_of(rows, column, **match):
     return statistics.fmean(values) if values else float("nan")
 
 
+def number(x, digits=1):
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
 def cell_text(values):
     return (f"{statistics.fmean(values):.2f} ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else
             f"{values[0]:.2f}") if values else "-"
@@ -435,7 +439,7 @@ def summarise(rows, args):
     acc = accuracies(rows)
     mixers = [m for m in args.mixers if any(k[0] == m for k in acc)]
     cpu_epochs = {r["mixer"]: r["epochs"] for r in rows if r["view"] == "cpu"}
-    minutes = lambda **match: mean_of(rows, "cpu_seconds", **match) / 60
+    minutes = lambda **match: number(mean_of(rows, "cpu_seconds", **match) / 60)
     macs = {(r["mixer"] or r["model"], r["arch"]): int(r["macs"]) for r in rows}
     lines = [f"{args.dataset}, {args.train_size or 'all'} training images, {args.size}, {args.epochs} epochs, "
              f"seeds {', '.join(map(str, args.seeds))}. Test top-1 in %: mean (lowest-highest over seeds); "
@@ -445,15 +449,15 @@ def summarise(rows, args):
     for m in mixers:
         lines.append(
             f"| {m} | {cell_text(acc.get((m, 'vanilla', 'epochs')))} "
-            f"| {minutes(mixer=m, arch='vanilla', view='epochs'):.1f} "
+            f"| {minutes(mixer=m, arch='vanilla', view='epochs')} "
             f"| {cell_text(acc.get((m, 'vanilla', 'cpu')))} | {cpu_epochs.get(m, '-')} "
-            f"| {minutes(mixer=m, arch='vanilla', view='cpu'):.1f} | {cell_text(acc.get((m, 'uninext', 'epochs')))} "
-            f"| {minutes(mixer=m, arch='uninext'):.1f} | {macs.get((m, 'vanilla'), 0) / 1e6:.1f} / "
-            f"{macs.get((m, 'uninext'), 0) / 1e6:.1f} |")
+            f"| {minutes(mixer=m, arch='vanilla', view='cpu')} | {cell_text(acc.get((m, 'uninext', 'epochs')))} "
+            f"| {minutes(mixer=m, arch='uninext')} | {number(macs.get((m, 'vanilla'), math.nan) / 1e6)} / "
+            f"{number(macs.get((m, 'uninext'), math.nan) / 1e6)} |")
     lines += ["", "Baselines, the same recipe and epochs:", "", "| model | test top-1 | CPU-min | MMAC |",
               "|---|---|---|---|"]
-    lines += [f"| {b} | {cell_text(acc.get((b, b, 'epochs')))} | {minutes(model=b):.1f} | "
-              f"{macs.get((b, b), 0) / 1e6:.1f} |" for b in BASELINES]
+    lines += [f"| {b} | {cell_text(acc.get((b, b, 'epochs')))} | {minutes(model=b)} | "
+              f"{number(macs.get((b, b), math.nan) / 1e6, 3)} |" for b in BASELINES]
     diverged = [f"{r['mixer'] or r['model']} {r['arch']} ({r['view']}) seed {r['seed']}" for r in rows
                 if r["status"] == "diverged"]
     if diverged:
@@ -476,7 +480,7 @@ def summarise_ablation(rows, args):
     for label in steps:
         d, lo, hi = difference_interval(acc["window", label, "epochs"], base)
         lines.append(f"| {label} | {cell_text(acc['window', label, 'epochs'])} | "
-                     f"{mean_of(rows, 'cpu_seconds', arch=label) / 60:.1f} | {d:+.2f} ({interval_text(lo, hi)}) | "
+                     f"{number(mean_of(rows, 'cpu_seconds', arch=label) / 60)} | {d:+.2f} ({interval_text(lo, hi)}) | "
                      f"{verdict(lo, hi) if label != 'vanilla' else ''} |")
     if {"+conv stem", "uninext"} <= set(steps):
         cells = {label: acc["window", label, "epochs"] for label in ("vanilla", "+conv stem", "uninext")}
@@ -578,6 +582,15 @@ def main(argv=None):
             wanted = {run["key"] for run in planned_runs(args, recipe, rows)}
             write_rows(csv_path, own + [r for r in shared if r["key"] in wanted])
 
+        def report():  # the table, verdicts and figure of what has finished, so a stopped sweep has them too
+            by_key = {r["key"]: r for r in rows}  # one run can serve two views (equal CPU time at equal epochs)
+            selected = [{**by_key[run["key"]], "arch": run["arch"], "view": run["view"]}
+                        for run in planned_runs(args, recipe, rows) if run["key"] in by_key]
+            text = summarise_ablation(selected, args) if args.ablation else summarise(selected, args)
+            (results / f"{name}.md").write_text(text + "\n")
+            plot(selected, args, results / f"{name}.png")
+            return text
+
         def record(row, notes):
             for note in notes:
                 log(note)
@@ -586,6 +599,7 @@ def main(argv=None):
             own.append(row)
             rows.append(row)
             save()
+            report()
 
         log(f"sweep: python compare_mixers.py {shlex.join(argv)}")
         plan = planned_runs(args, recipe, rows)
@@ -594,13 +608,7 @@ def main(argv=None):
             "time (the equal-CPU runs are planned as their epochs become known)")
         sweep(args, recipe, rows, record, log)
         save()
-        by_key = {r["key"]: r for r in rows}  # one run can serve two views (equal CPU time at equal epochs)
-        selected = [{**by_key[run["key"]], "arch": run["arch"], "view": run["view"]}
-                    for run in planned_runs(args, recipe, rows) if run["key"] in by_key]
-        text = summarise_ablation(selected, args) if args.ablation else summarise(selected, args)
-        (results / f"{name}.md").write_text(text + "\n")
-        plot(selected, args, results / f"{name}.png")
-        log("summary:\n" + text)
+        log("summary:\n" + report())
 
 
 if __name__ == "__main__":
