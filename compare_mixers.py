@@ -8,6 +8,7 @@ seeds and one of three verdicts: holds, does not hold, or cannot tell at this sc
     OMP_NUM_THREADS=1 python compare_mixers.py --jobs 2            # Fashion-MNIST, all 60,000 images, N32
     OMP_NUM_THREADS=1 python compare_mixers.py --ablation --jobs 2 # window: vanilla + one ingredient at a time
     python compare_mixers.py --dataset cifar100 --size T32 --epochs 100 --device cuda   # with a GPU
+    python compare_mixers.py --report-only                          # the table and figure of what has run
     python compare_mixers.py --tiny                                 # seconds: synthetic data, the same code
 
 Two views of the same question. Equal epochs: both architectures see the same images the same number of
@@ -101,6 +102,8 @@ def build_parser():
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, in separate processes sharing the CPU cores (small models on a "
                         "CPU use several cores poorly; keep 1 on a GPU) (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table, verdicts and figure from the runs recorded so far; train nothing")
     p.add_argument("--tiny", action="store_true",
                    help="a seconds-long smoke run of the same code: synthetic data, 256 images, 1 epoch, 1 seed")
     return p
@@ -534,6 +537,7 @@ def plot(rows, args, path):
         ax.set_ylim(min(floor if floor is not None else min(values), min(values)) - 1, max(values) + 1)
         cost.set_ylim(ax.get_ylim())
     ax.set_xticks(range(len(series)), [s[0] for s in series])
+    ax.set_xlim(-0.6, len(series) - 0.4)  # a slot for every mixer, finished or not
     if not args.ablation:
         for cell, color, text in [("vanilla", COLORS["vanilla"], "vanilla, equal epochs"),
                                   ("cpu", "#B07800", "vanilla, equal CPU time"),
@@ -601,6 +605,9 @@ def main(argv=None):
             save()
             report()
 
+        if args.report_only:
+            print(report())
+            return
         log(f"sweep: python compare_mixers.py {shlex.join(argv)}")
         plan = planned_runs(args, recipe, rows)
         todo = [run for run in plan if run["key"] not in {r["key"] for r in rows}]

@@ -40,6 +40,11 @@ def test_a_tiny_sweep_trains_both_views_and_the_baselines_and_a_rerun_redoes_not
     assert f"{len(rows)} of {len(rows)} planned runs done before, 0 to go" in capsys.readouterr().out
     assert len(read(results / "mixer_comparison.csv")) == len(rows)
 
+    (results / "mixer_comparison.md").unlink()
+    cm.main([*argv, "--report-only"])  # from the CSV alone: nothing trained, nothing logged
+    assert (results / "mixer_comparison.md").read_text() == text
+    assert "| cnn |" in capsys.readouterr().out
+
 
 def key(*options):
     return cm.run_key(["--dataset", "synthetic", "--device", "cpu", "--size", "N32", "--mixer", "pool", *options])
