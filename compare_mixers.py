@@ -182,9 +182,10 @@ def planned_runs(args, recipe, rows):
 
 def run_key(argv):
     """A short hash of every setting that changes a run's result: train_minimal's resolved options (its
-    device-dependent defaults filled in) without those that only say where and how to run."""
+    device-dependent defaults filled in) without those that only say where and how to run, and without
+    those that are unset (None), so that an option added later, off by default, keeps every key."""
     args = train_minimal.resolve(train_minimal.build_parser().parse_args(argv))
-    settings = {k: v for k, v in vars(args).items() if k not in train_minimal.RUNTIME_OPTIONS}
+    settings = {k: v for k, v in vars(args).items() if k not in train_minimal.RUNTIME_OPTIONS and v is not None}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

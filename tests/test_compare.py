@@ -192,3 +192,15 @@ def test_the_ablation_says_what_each_ingredient_alone_does_and_whether_the_stem_
     assert lines["+conv stem"].endswith("| holds |") and lines["+HdC"].endswith("| holds |")
     assert lines["+PC"].endswith("| does not hold |") and lines["+EC"].endswith("| cannot tell at this scale |")
     assert "The conv stem alone gives most of UniNeXt's lift: holds.** Its share of the lift: 75%" in text
+
+
+def test_an_option_added_later_and_left_unset_keeps_every_key(monkeypatch):
+    before, build = key(), train_minimal.build_parser
+
+    def with_a_new_option():
+        parser = build()
+        parser.add_argument("--clip-grad", type=float)
+        return parser
+
+    monkeypatch.setattr(train_minimal, "build_parser", with_a_new_option)
+    assert key() == before and key("--clip-grad", "1.0") != before
