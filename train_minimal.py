@@ -531,8 +531,8 @@ def read_image(path):
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f"{path} cannot be read as an image ({first_line(e)}): remove or replace it, then "
-                         f"continue with --resume") from None
+        raise UsageError(f"{path} cannot be read as an image ({first_line(e)}): remove or replace it, then run "
+                         f"again (--resume continues from the last checkpoint, if there is one)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
