@@ -137,10 +137,9 @@ def parse(argv):
 def swin_shifts(size):
     """Whether swin at this preset shifts any window: it shifts every second block of a stage, and a shift
     changes nothing in a stage whose whole grid is one window."""
-    preset = {**{f.name: f.default for f in uninext.fields(uninext.Config)}, **uninext.PRESETS[size]}
-    grid = preset["img_size"] // preset["stem_stride"]
-    return any(depth > 1 and grid >> i > window
-               for i, (depth, window) in enumerate(zip(preset["depths"], preset["sizes"]["swin"])))
+    cfg = uninext.config(size, "swin")
+    grid = cfg.img_size // cfg.stem_stride  # the first stage's grid; each later stage halves it
+    return any(depth > 1 and grid >> i > window for i, (depth, window) in enumerate(zip(cfg.depths, cfg.mixer_size)))
 
 
 # ----------------------------------------------------------------------------------------------------------
