@@ -147,9 +147,10 @@ def swin_shifts(size):
 
 
 def planned_runs(args, recipe, rows):
-    """Every run that can be planned from what is known so far, seed by seed, so that a sweep cut short has
-    whole seeds: a dict per run with its row fields and train_minimal arguments. The equal-CPU vanilla run
-    of a mixer appears once the first seed's two equal-epoch runs of that mixer are done."""
+    """Every run that can be planned from what is known so far: a dict per run with its row fields and
+    train_minimal arguments. The equal-epoch runs and the baselines come seed by seed, then the equal-CPU
+    vanilla runs, so that a sweep cut short has whole seeds of the main view first. The equal-CPU run of a
+    mixer appears once the first seed's two equal-epoch runs of that mixer are done."""
     def run(seed, model, mixer, arch, view, epochs, options):
         argv = ["--dataset", args.dataset, "--data-dir", args.data_dir, "--device", args.device,
                 "--epochs", str(epochs), "--seed", str(seed), "--eval-every", "0", "--model", model,
@@ -158,6 +159,9 @@ def planned_runs(args, recipe, rows):
         return {"model": model, "mixer": mixer, "arch": arch, "view": view, "seed": seed, "epochs": epochs,
                 "argv": argv, "key": run_key(argv)}
 
+    def equal_epochs(seed, mixer, arch):
+        return run(seed, "uninext", mixer, arch, "epochs", args.epochs, ["--arch", arch])
+
     by_key = {r["key"]: r for r in rows}
     plan = []
     for seed in args.seeds:
@@ -165,17 +169,16 @@ def planned_runs(args, recipe, rows):
             plan += [run(seed, "uninext", "window", label, "epochs", args.epochs, options)
                      for label, options in LADDER.items()]
         else:
-            for mixer in args.mixers:
-                pair = [run(seed, "uninext", mixer, arch, "epochs", args.epochs, ["--arch", arch])
-                        for arch in uninext.ARCHS]
-                plan += pair
-                first = [run(args.seeds[0], "uninext", mixer, arch, "epochs", args.epochs, ["--arch", arch])
-                         for arch in uninext.ARCHS]
-                done = [by_key.get(r["key"]) for r in first]
-                if all(r and r["status"] == "ok" for r in done):
-                    epochs = max(1, round(args.epochs * float(done[0]["cpu_seconds"]) / float(done[1]["cpu_seconds"])))
-                    plan.append(run(seed, "uninext", mixer, "vanilla", "cpu", epochs, ["--arch", "vanilla"]))
+            plan += [equal_epochs(seed, mixer, arch) for mixer in args.mixers for arch in uninext.ARCHS]
         plan += [run(seed, model, "", model, "epochs", args.epochs, []) for model in BASELINES]
+    if args.ablation:
+        return plan
+    for seed in args.seeds:
+        for mixer in args.mixers:
+            done = [by_key.get(equal_epochs(args.seeds[0], mixer, arch)["key"]) for arch in uninext.ARCHS]
+            if all(r and r["status"] == "ok" for r in done):
+                epochs = max(1, round(args.epochs * float(done[0]["cpu_seconds"]) / float(done[1]["cpu_seconds"])))
+                plan.append(run(seed, "uninext", mixer, "vanilla", "cpu", epochs, ["--arch", "vanilla"]))
     return plan
 
 

@@ -69,6 +69,17 @@ def test_a_sweep_with_other_epochs_plans_none_of_the_first_sweeps_runs(tmp_path)
     assert args(1)[0].epochs == 1
 
 
+def test_every_seed_of_the_equal_epoch_view_is_planned_before_any_equal_cpu_run(tmp_path):
+    args, recipe = cm.parse(["--tiny", "--runs", str(tmp_path), "--mixers", "pool", "conv"])
+    args.seeds = [0, 1]
+    first = cm.planned_runs(args, recipe, [])
+    rows = [{"key": r["key"], "status": "ok", "cpu_seconds": "20" if r["arch"] == "uninext" else "10"}
+            for r in first if r["seed"] == 0 and r["model"] == "uninext"]
+    views = [(r["view"], r["seed"]) for r in cm.planned_runs(args, recipe, rows)]
+    assert views == [("epochs", 0)] * 6 + [("epochs", 1)] * 6 + [("cpu", 0)] * 2 + [("cpu", 1)] * 2
+    assert {r["epochs"] for r in cm.planned_runs(args, recipe, rows) if r["view"] == "cpu"} == {2}
+
+
 def test_a_diverged_run_is_recorded_reported_and_not_retried(tmp_path, monkeypatch, capsys):
     real = train_minimal.train
 
