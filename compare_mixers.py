@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import train_minimal  # noqa: E402
+import train_helpers  # noqa: E402
 import uninext  # noqa: E402
 
 COLUMNS = ["dataset", "train_size", "size", "model", "mixer", "arch", "view", "seed", "epochs", "params", "macs",
@@ -187,7 +188,7 @@ def run_key(argv):
     device-dependent defaults filled in) without those that only say where and how to run, and without
     those that are unset (None), so that an option added later, off by default, keeps every key."""
     args = train_minimal.resolve(train_minimal.build_parser().parse_args(argv))
-    settings = {k: v for k, v in vars(args).items() if k not in train_minimal.RUNTIME_OPTIONS and v is not None}
+    settings = {k: v for k, v in vars(args).items() if k not in train_helpers.RUNTIME_OPTIONS and v is not None}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -612,8 +613,8 @@ def main(argv=None):
             print(report())
             return
         log(f"sweep: python compare_mixers.py {shlex.join(argv)}")
-        plan = planned_runs(args, recipe, rows)
-        todo = [run for run in plan if run["key"] not in {r["key"] for r in rows}]
+        plan = {run["key"] for run in planned_runs(args, recipe, rows)}  # a run may serve both views: count it once
+        todo = plan - {r["key"] for r in rows}
         log(f"{len(plan) - len(todo)} of {len(plan)} planned runs done before, {len(todo)} to go, {args.jobs} at a "
             "time (the equal-CPU runs are planned as their epochs become known)")
         sweep(args, recipe, rows, record, log)
