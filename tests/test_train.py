@@ -24,6 +24,7 @@ import torch
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as TF
 
+import train_helpers
 import train_minimal as tm
 import uninext
 
@@ -76,8 +77,8 @@ def finished_run(tmp_path_factory):
 # Learning real data
 
 
-@pytest.mark.skipif(not tm.DEBIAN_FASHION_MNIST.is_dir(),
-                    reason=f"needs Debian's dataset-fashion-mnist ({tm.DEBIAN_FASHION_MNIST}): "
+@pytest.mark.skipif(not train_helpers.DEBIAN_FASHION_MNIST.is_dir(),
+                    reason=f"needs Debian's dataset-fashion-mnist ({train_helpers.DEBIAN_FASHION_MNIST}): "
                            "apt-get install dataset-fashion-mnist")
 def test_n32_learns_fashion_mnist_far_above_chance_in_a_minute(tmp_path):
     summary = train("--dataset", "fashion-mnist", "--size", "N32", "--device", "cpu", "--train-size", "2000",
@@ -187,7 +188,7 @@ def test_a_damaged_fashion_mnist_file_is_named_with_the_fix(tmp_path, monkeypatc
     for name in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz"]:
         (tmp_path / name).write_bytes(b"\x1f\x8b\x08\x00 cut short")
-    monkeypatch.setattr(tm, "DEBIAN_FASHION_MNIST", tmp_path)
+    monkeypatch.setattr(train_helpers, "DEBIAN_FASHION_MNIST", tmp_path)
     code, printed = cli(["--dataset", "fashion-mnist", "--device", "cpu", "--out", tmp_path / "run"], capsys)
     assert code == 2 and "train-images-idx3-ubyte.gz is damaged" in printed
     assert "apt-get install --reinstall dataset-fashion-mnist" in printed
@@ -314,7 +315,7 @@ def test_uninext_options_given_to_a_baseline_are_refused(capsys):
 def test_a_run_leaves_metrics_per_epoch_curves_checkpoints_and_a_summary(finished_run):
     rows = metrics(finished_run)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
-    assert list(rows[0]) == tm.METRICS
+    assert list(rows[0]) == train_helpers.METRICS
     assert rows[0]["test_acc1"] == "" and rows[1]["test_acc1"] and rows[2]["test_acc1"]  # --eval-every 2
     assert all(float(r["img_per_s"]) > 0 and float(r["train_loss"]) > 0 for r in rows)
     assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -334,7 +335,7 @@ def test_training_is_logged_every_few_steps_with_its_cpu_time_so_that_one_epoch_
     monkeypatch.setattr(tm, "LOG_EVERY", 2)
     train(*TINY, "--epochs", "1", "--out", tmp_path / "run")  # 4 steps
     steps, (epoch,) = metrics(tmp_path / "run", "steps.csv"), metrics(tmp_path / "run")
-    assert list(steps[0]) == tm.STEP_METRICS
+    assert list(steps[0]) == train_helpers.STEP_METRICS
     assert [(r["step"], r["epoch"]) for r in steps] == [("2", "0.5"), ("4", "1.0")]
     # each row is the mean of its two steps, so the two rows average to the epoch's mean
     assert (float(steps[0]["train_loss"]) + float(steps[1]["train_loss"])) / 2 == pytest.approx(
@@ -440,7 +441,7 @@ def test_a_missing_dataset_that_cannot_be_downloaded_says_where_it_looked_and_wh
 
     monkeypatch.setattr(datasets.cifar, "download_and_extract_archive", no_internet)
     monkeypatch.setattr(datasets.mnist, "download_and_extract_archive", no_internet)
-    monkeypatch.setattr(tm, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(train_helpers, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     code, printed = cli(["--dataset", name, "--data-dir", tmp_path / "data", "--size", "N32", "--device", "cpu",
                          "--out", tmp_path / "run"], capsys)
     assert code == 2
@@ -549,8 +550,8 @@ def test_a_new_run_never_replaces_a_run_unless_told_to(finished_run, tmp_path, c
 
     (run / "best.pt").write_bytes(b"stale")  # a file of the old run that the new one rewrites only at its end
     seen = []  # the folder's files whenever a checkpoint is about to be written
-    original = tm.save_checkpoint
-    monkeypatch.setattr(tm, "save_checkpoint", lambda *a: seen.append(sorted(f.name for f in run.iterdir()))
+    original = train_helpers.save_checkpoint
+    monkeypatch.setattr(train_helpers, "save_checkpoint", lambda *a: seen.append(sorted(f.name for f in run.iterdir()))
                         or original(*a))
     train(*TINY, "--epochs", "1", "--eval-every", "0", "--out", run, "--overwrite")
     assert not {"best.pt", "summary.json", "metrics.csv"} & set(seen[0])  # gone before the first checkpoint
@@ -589,16 +590,16 @@ def test_a_nan_test_loss_stops_the_run_and_no_summary_claims_a_result(tmp_path, 
 
 
 def test_a_run_killed_between_last_pt_and_the_files_after_it_is_completed_when_resumed(tmp_path, monkeypatch):
-    run, copy = tmp_path / "run", tm.copy_atomically
+    run, copy = tmp_path / "run", train_helpers.copy_atomically
 
     def killed(source, target):  # the process dies after last.pt, before best.pt and metrics.csv
         raise SystemExit("killed")
 
-    monkeypatch.setattr(tm, "copy_atomically", killed)
+    monkeypatch.setattr(train_helpers, "copy_atomically", killed)
     with pytest.raises(SystemExit):
         train(*TINY, "--epochs", "2", "--out", run)
     assert (run / "last.pt").exists() and not (run / "best.pt").exists() and not (run / "metrics.csv").exists()
-    monkeypatch.setattr(tm, "copy_atomically", copy)
+    monkeypatch.setattr(train_helpers, "copy_atomically", copy)
     summary = train("--resume", run)
     assert torch.load(run / "best.pt", weights_only=True)["progress"]["epoch"] == summary["best_epoch"] + 1
     assert [r["epoch"] for r in metrics(run)] == ["1", "2"]
@@ -624,11 +625,11 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_last_one_intact_and_no_tempo
     assert train("--resume", run)["epochs"] == 2
 
 
-@pytest.mark.skipif(tm.fcntl is None, reason="run-folder locks need POSIX")
+@pytest.mark.skipif(train_helpers.fcntl is None, reason="run-folder locks need POSIX")
 def test_two_runs_never_write_into_one_folder_at_the_same_time(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     with open(tmp_path / "run" / ".lock", "w") as held:  # as another process running there would hold it
-        tm.fcntl.flock(held, tm.fcntl.LOCK_EX | tm.fcntl.LOCK_NB)
+        train_helpers.fcntl.flock(held, train_helpers.fcntl.LOCK_EX | train_helpers.fcntl.LOCK_NB)
         code, printed = cli([*TINY, "--epochs", "1", "--out", tmp_path / "run"], capsys)
     assert code == 2 and f"another process is writing into {tmp_path / 'run'}" in printed
     assert not (tmp_path / "run" / "last.pt").exists()
@@ -660,6 +661,6 @@ def test_uninext_load_rebuilds_the_tested_model_from_the_run_folder_alone(ema, t
 
 
 def test_the_printed_resume_command_survives_a_shell():
-    message = tm.stopped_message(Path("runs/my run's"), "epoch 1, step 2 of 4", "Ctrl-C")
+    message = train_helpers.stopped_message(Path("runs/my run's"), "epoch 1, step 2 of 4", "Ctrl-C")
     command = message.splitlines()[-1].strip()
     assert shlex.split(command) == ["python", "train_minimal.py", "--resume", "runs/my run's"]
