@@ -94,6 +94,7 @@ def check_options(args):
         (not 0 <= args.mixup < math.inf, "--mixup is a Beta parameter, 0 = off"),
         (not 0 <= args.cutmix < math.inf, "--cutmix is a Beta parameter, 0 = off"),
         (not 0 <= args.ema < 1, "--ema is a decay in [0, 1), 0 = off"),
+        (args.clip_grad is not None and not 0 < args.clip_grad < math.inf, "--clip-grad is a norm, more than 0"),
         (not 0 <= args.seed < 2 ** 32, "--seed is in [0, 2**32)"),
         (args.workers < 0, "--workers must be 0 or more (0 = load in the training process)"),
         (args.eval_every < 0, "--eval-every must be 0 or more"),
@@ -481,10 +482,15 @@ class Tracker:
             raise KeyboardInterrupt(stopped_message(out, f"the end of epoch {epoch}", self.interrupt["requested"]))
 
     def save(self):
+        """last.pt, written by the first process, with the random state of every process."""
+        rng = [rng_state()]
+        if self.world > 1:
+            rng = [None] * self.world
+            dist.all_gather_object(rng, rng_state())
         if self.rank == 0:
             s = self.state
             save_checkpoint(self.out / "last.pt", self.args, s["model"], s["optimizer"], s["scheduler"], s["scaler"],
-                            s["ema"], self.progress, self.data)
+                            s["ema"], self.progress, self.data, rng)
 
     def finish(self, n_params, amp):
         """The summary of the run, also written to summary.json."""
@@ -635,14 +641,19 @@ def copy_atomically(source, target):
     replace_atomically(target, lambda tmp: tmp.write_bytes(source.read_bytes()))
 
 
-def save_checkpoint(path, args, model, optimizer, scheduler, scaler, ema, progress, data):
-    """Everything that the next step depends on, as tensors and plain Python values (weights_only loads it)."""
+def rng_state():
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(path, args, model, optimizer, scheduler, scaler, ema, progress, data, rng):
+    """Everything that the next step depends on, as tensors and plain Python values (weights_only loads it);
+    `rng`: the random state of each process."""
     state = {
         "config": vars(args), "progress": progress,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": rng,
         "normalisation": {"mean": data.mean.cpu(), "std": data.std.cpu()},  # to use the model elsewhere
         "model_config": dataclasses.asdict(model.cfg) if isinstance(model, uninext.UniNeXt) else None,
     }
@@ -711,8 +722,9 @@ def check_config(stored, args, path):
                          f"new run with another --out")
 
 
-def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress):
-    """Put every piece of a run back as it was when the checkpoint was written."""
+def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress, rank=0):
+    """Put every piece of a run back as it was when the checkpoint was written; process `rank` gets its own
+    random state back."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -722,10 +734,13 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress):
         if ema is not None:
             ema.load_state_dict(checkpoint["ema"])
         progress.update(checkpoint["progress"])
-        random.setstate(checkpoint["rng"]["python"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        states = checkpoint["rng"]
+        states = [states] if isinstance(states, dict) else states  # earlier versions kept the first process's
+        if rank < len(states):  # a process added since the checkpoint keeps the stream it was seeded with
+            random.setstate(states[rank]["python"])
+            torch.set_rng_state(states[rank]["torch"])
+            if states[rank]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states[rank]["cuda"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise UsageError(f"the checkpoint does not fit this model ({first_line(e)}): it is damaged or from "
                          f"another version of the code") from None

@@ -130,6 +130,9 @@ def build_parser():
     recipe.add_argument("--lr", type=float, help=f"AdamW's peak learning rate (default: {GPU_DEFAULTS['lr']} on a "
                                                  f"GPU, {CPU_DEFAULTS['lr']} on a CPU)")
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="(default: %(default)s)")
+    recipe.add_argument("--clip-grad", type=float, metavar="NORM",
+                        help="clip the global norm of the gradients to NORM (default: off; Swin clips at 5.0, "
+                             "DeiT does not clip)")
     recipe.add_argument("--warmup", type=float, default=0.05,
                         help="fraction of the steps spent warming up linearly (default: %(default)s)")
     recipe.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=True,
@@ -363,6 +366,8 @@ def run(args, checkpoint, rank, world, device):
     if data.steps_per_epoch == 0:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {data.num_train} training images")
     model = build_model(args, data.num_classes, data.in_chans, data.img_size).to(device)
+    if rank:  # the same initial weights everywhere, then each process its own drop-path masks and Mixup draws
+        torch.manual_seed(args.seed * 1000 + rank)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(model, args, device)
     scheduler = build_scheduler(optimizer, args, data.steps_per_epoch)
@@ -378,7 +383,7 @@ def run(args, checkpoint, rank, world, device):
     # accumulators of an epoch that was stopped half way.
     progress = {"epoch": 1, "step": 0, "history": [], "log": [], "best": None, "partial": None}
     if checkpoint is not None:
-        restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress)
+        restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress, rank)
     judged = ema.module if ema else model  # the weights that are tested and reported
     if args.eval_only:
         test_loss, test_acc1 = evaluate(judged, data, autocast)
@@ -405,6 +410,9 @@ def run(args, checkpoint, rank, world, device):
                     logits = step_model(images)
                     loss = criterion(logits, targets)
                 scaler.scale(loss).backward()
+                if args.clip_grad:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)

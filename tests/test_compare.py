@@ -53,7 +53,8 @@ def key(*options):
 def test_every_setting_that_changes_a_result_is_part_of_the_run_key():
     base = key()
     changed = [key("--size", "T32"), key("--epochs", "3"), key("--train-size", "256"), key("--seed", "1"),
-               key("--lr", "1e-3"), key("--crop", "2"), key("--arch", "vanilla"), key("--no-zero-init-residual")]
+               key("--lr", "1e-3"), key("--crop", "2"), key("--arch", "vanilla"), key("--no-zero-init-residual"),
+               key("--clip-grad", "1")]
     assert len({base, *changed}) == 1 + len(changed)
     assert key("--lr", "2e-3", "--batch-size", "64") == base  # the CPU defaults, given or not, are the same run
     assert key("--data-dir", "elsewhere", "--eval-every", "3") == base  # where and how often to test: no change
@@ -210,8 +211,8 @@ def test_an_option_added_later_and_left_unset_keeps_every_key(monkeypatch):
 
     def with_a_new_option():
         parser = build()
-        parser.add_argument("--clip-grad", type=float)
+        parser.add_argument("--label-noise", type=float)
         return parser
 
     monkeypatch.setattr(train_minimal, "build_parser", with_a_new_option)
-    assert key() == before and key("--clip-grad", "1.0") != before
+    assert key() == before and key("--label-noise", "0.1") != before

@@ -417,6 +417,10 @@ def test_ddp_with_two_processes_trains_like_one_process_with_the_same_global_bat
         assert float(row_two[key]) == pytest.approx(float(row_one[key]), rel=1e-4)
     assert abs(float(row_two["test_acc1"]) - float(row_one["test_acc1"])) <= 0.2  # one image in 1,000 may flip
     assert two["test_images"] == one["test_images"] == 1000
+    # One seed for the initial weights, then a random stream per process (drop-path masks, Mixup), each
+    # saved in last.pt so that every process continues its own stream on --resume.
+    rng = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,6 +528,7 @@ def test_the_command_line_reports_bad_input_in_one_line_with_exit_code_2_and_no_
     (["--mixup", "-1"], "--mixup is a Beta parameter"),
     (["--seed", str(10 ** 20)], "--seed is in [0, 2**32)"),
     (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--clip-grad", "0"], "--clip-grad is a norm, more than 0"),
 ])
 def test_bad_values_are_refused_before_any_work_and_leave_no_folder(option, message, tmp_path, capsys):
     code, printed = cli([*TINY, *option, "--out", tmp_path / "run"], capsys)
@@ -645,6 +650,28 @@ def test_fp16_with_its_grad_scaler_trains_resumes_and_warns_on_a_cpu(tmp_path, c
     assert train("--resume", tmp_path / "run", "--eval-only")["test_acc1"] == summary["test_acc1"]
 
 
+@pytest.mark.parametrize("clip", [None, "0.5"])
+def test_gradients_are_clipped_unscaled_and_only_when_asked(clip, tmp_path, monkeypatch):
+    before, after, clip_grad_norm = [], [], torch.nn.utils.clip_grad_norm_
+
+    def recorded(parameters, max_norm, **kwargs):
+        parameters = list(parameters)
+        before.append(clip_grad_norm(parameters, max_norm, **kwargs).item())
+        after.append(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]).norm().item())
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded)
+    train(*TINY, "--epochs", "1", "--amp", "fp16", *(["--clip-grad", clip] if clip else []), "--out", tmp_path / "run")
+    if clip is None:
+        assert before == []
+        return
+    assert len(before) == 4  # every step
+    # fp16's GradScaler multiplies the loss by 65,536 before backward (and skips a step whose gradients
+    # overflow): the finite norms were measured unscaled, and clipped
+    finite = [(b, a) for b, a in zip(before, after) if math.isfinite(b)]
+    assert finite and all(0 < b < 100 for b, _ in finite), before
+    assert all(a <= 0.5 * 1.001 for _, a in finite) and any(b > 0.5 for b, _ in finite)
+
+
 @pytest.mark.parametrize("ema", ["0", "0.9"])
 def test_uninext_load_rebuilds_the_tested_model_from_the_run_folder_alone(ema, tmp_path):
     summary = train(*TINY, "--epochs", "1", "--mixer", "window", "--ema", ema, "--out", tmp_path / "run")
@@ -664,3 +691,10 @@ def test_the_printed_resume_command_survives_a_shell():
     message = train_helpers.stopped_message(Path("runs/my run's"), "epoch 1, step 2 of 4", "Ctrl-C")
     command = message.splitlines()[-1].strip()
     assert shlex.split(command) == ["python", "train_minimal.py", "--resume", "runs/my run's"]
+
+
+def test_the_loop_that_readme_shows_is_the_loop_that_runs():
+    readme, source = (ROOT / "README.md").read_text(), (ROOT / "train_minimal.py").read_text()
+    shown = readme.split("```python\nfor epoch in range(", 1)[1].split("```", 1)[0]
+    indented = "".join(" " * 8 + line if line.strip() else line for line in shown.splitlines(keepends=True))
+    assert len(shown.splitlines()) > 20 and " " * 8 + "for epoch in range(" + indented.lstrip() in source
