@@ -9,6 +9,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from IPython.display import Markdown, display
+from matplotlib import patheffects
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import LineCollection
+from matplotlib.colors import LogNorm, TwoSlopeNorm
+from matplotlib.lines import Line2D
 from matplotlib.patches import Circle, ConnectionPatch, FancyBboxPatch, Patch, Rectangle
 from matplotlib.ticker import ScalarFormatter
 
@@ -302,4 +307,280 @@ def plot_rf_counts(rf, mixers, variants, grid):
            title="Receptive field size of one block: each UniNeXt ingredient widens the local mixers")
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
+    return fig
+
+
+# 02_train
+
+
+def plot_training(steps, epochs, title):
+    """Training loss and accuracy every few steps (test accuracy where tested), for each architecture in
+    `steps` and `epochs` ({arch: rows of steps.csv / metrics.csv, numbers as floats}), and the learning rate
+    of the first one, step by step."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for arch, rows in steps.items():
+        x = [r["epoch"] for r in rows]
+        axes[0].plot(x, [r["train_loss"] for r in rows], color=ARCH_COLOUR[arch], lw=1, label=arch)
+        axes[1].plot(x, [r["train_acc1"] for r in rows], color=ARCH_COLOUR[arch], lw=1, label=f"{arch}, train")
+        tested = [(r["epoch"], r["test_acc1"]) for r in epochs[arch] if r["test_acc1"] is not None]
+        axes[1].plot(*zip(*tested), "o", color=ARCH_COLOUR[arch], mec="black", ms=8, label=f"{arch}, test")
+    lr = next(iter(steps.values()))
+    axes[2].plot([r["step"] for r in lr], [r["lr"] for r in lr], color="black", lw=1)
+    for ax, name, ylabel in zip(axes, ["Training loss (with label smoothing)", "Top-1 accuracy",
+                                       "Learning rate, every 20 steps"], ["cross-entropy", "top-1 (%)", "learning rate"]):
+        ax.set(title=name, ylabel=ylabel, xlabel="epoch")
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(0, 100)
+    axes[2].set_xlabel("training step")
+    axes[0].legend()
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_against_baselines(budget, summaries, name):
+    """Test accuracy against CPU-minutes: the linear and CNN baselines of `budget` (rows of
+    results/short_budget.csv) as lines, each run of `summaries` ({arch: summary.json}) as a dot."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for label, style in [("linear", dict(color="0.5", marker="s")), ("CNN (0.14M)", dict(color="#009E73", marker="^"))]:
+        rows = sorted((float(r["cpu_seconds"]) / 60, float(r["test_acc1"])) for r in budget if r["label"] == label)
+        ax.plot(*zip(*rows), ls="--", label=f"{label}, same script", **style)
+    for arch, s in summaries.items():
+        ax.plot(s["cpu_seconds"] / 60, s["test_acc1"], "o", ms=10, color=ARCH_COLOUR[arch], mec="black",
+                label=f"{name} {arch}, {s['epochs']} epochs")
+    ax.set(xscale="log", xlabel="CPU-minutes of training (one thread, log scale)", ylabel="test top-1 (%)",
+           ylim=(78, 96), title="Fashion-MNIST, all 60,000 training images, the full test set")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion, classes, colour):
+    """Accuracy per class (sorted) and the row-normalised confusion matrix (true class x guess), labelled
+    when there are at most 20 classes."""
+    C = len(confusion)
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    order = per_class.argsort(descending=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.1]})
+    ax = axes[0]
+    ax.barh(range(C), 100 * per_class[order].numpy(), color=colour)
+    ax.axvline(100 * confusion.diag().sum() / confusion.sum(), color="black", ls="--", label="overall top-1")
+    ax.set_yticks(range(C), [classes[i] for i in order] if C <= 20 else [""] * C)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 100), xlabel="top-1 accuracy on the class's test images (%)", ylabel="class (best first)",
+           title="Accuracy per class")
+    ax.legend(fontsize=8, loc="lower right")
+    ax = axes[1]
+    normalised = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    im = ax.imshow(normalised.numpy(), cmap="viridis", vmin=0, vmax=1)
+    if C <= 20:
+        ax.set_xticks(range(C), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(C), classes, fontsize=8)
+        for i in range(C):
+            for j in range(C):
+                if normalised[i, j] >= 0.01:
+                    ax.text(j, i, f"{100 * normalised[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="black" if normalised[i, j] > 0.5 else "white")
+    ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (% of each true class)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    fig.tight_layout()
+    return fig
+
+
+def show_guesses(images, picks, probs, truth, classes, title):
+    """A 3 x 8 grid of test images (`images` uint8 (N, H, W, C)) with the model's guess and its probability,
+    and the true class below each."""
+    fig, axes = plt.subplots(3, 8, figsize=(13, 6.6))
+    for ax, i in zip(axes.flat, picks):
+        image = images[i].cpu()
+        ax.imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray")
+        guess = int(probs[i].argmax())
+        ax.set_title(f"{classes[guess]} {100 * probs[i, guess]:.0f}%\n(truth: {classes[int(truth[i])]})", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes.flat[len(picks):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# 03_attention
+
+QUERY_COLOUR = "#D55E00"  # vermillion: the query token on the photograph
+HALO = [patheffects.withStroke(linewidth=4.5, foreground="white")]  # a white rim that keeps a marker visible
+
+
+def cell_borders(ax, labels, cell, **line):
+    """Draw a line between every two neighbouring cells of `labels` (an (h, w) array) that hold different
+    values, in the pixel coordinates of an image whose cells are `cell` x `cell` pixels."""
+    segments = []
+    for i, j in zip(*np.nonzero(labels[:, 1:] != labels[:, :-1])):  # between columns j and j + 1
+        x = (j + 1) * cell - 0.5
+        segments.append([(x, i * cell - 0.5), (x, (i + 1) * cell - 0.5)])
+    for i, j in zip(*np.nonzero(labels[1:] != labels[:-1])):  # between rows i and i + 1
+        y = (i + 1) * cell - 0.5
+        segments.append([(j * cell - 0.5, y), ((j + 1) * cell - 0.5, y)])
+    ax.add_collection(LineCollection(segments, **line))
+
+
+def plot_mixer_reach(photo, panels, px, title):
+    """One panel per entry of `panels` on the photograph `photo` ((H, W, 3) floats in [0, 1], a grid of
+    px x px-pixel tokens). Each entry is a dict: `title`; `support`, (g, g) bool, the tokens the query can
+    reach: the rest is dimmed and the border drawn in yellow; `query`, the (row, column) of the query token,
+    outlined in vermillion; `partitions`, a list of ((g, g) labels, line style) whose borders are drawn in
+    white; `keys`, None or the (g, g) labels of pvt's reduced keys: the photo is then drawn one colour per
+    key cell (its mean), the resolution that the keys have."""
+    fig, axes = plt.subplots(3, 3, figsize=(10, 11))
+    for ax, p in zip(axes.flat, panels):
+        image = photo
+        if p.get("keys") is not None:
+            cells = np.kron(p["keys"], np.ones((px, px), dtype=int))  # (H, W): the key of each pixel
+            image = photo.copy()
+            for k in np.unique(cells):
+                image[cells == k] = photo[cells == k].mean(0)
+        bright = np.kron(p["support"], np.ones((px, px)))  # (H, W): 1 inside what the query reaches
+        ax.imshow(image * (0.3 + 0.7 * bright[..., None]))
+        for labels, style in p["partitions"]:
+            cell_borders(ax, labels, px, colors="white", linestyles=style, linewidths=0.8)
+        if p.get("keys") is not None:
+            cell_borders(ax, p["keys"], px, colors="white", linewidths=1.2)
+        if not p["support"].all():
+            cell_borders(ax, p["support"].astype(int), px, colors="#F0E442", linewidths=2)
+        q0, q1 = p["query"]
+        ax.add_patch(Rectangle((q1 * px - 0.5, q0 * px - 0.5), px, px, fill=False, ec=QUERY_COLOUR, lw=2.5))
+        ax.set_title(p["title"], fontsize=10)
+        ax.set_xlabel("x (pixels)", fontsize=8)
+        ax.set_ylabel("y (pixels)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    return fig
+
+
+def ratio_label(t):
+    """The tick label of 2**t on a ratio axis: 1/4x, 1x, 4x."""
+    return f"1/{2 ** -t:g}x" if t < 0 else f"{2 ** t:g}x"
+
+
+def frame(ax):
+    """A thin grey frame around an image panel, whatever the rcParams say about spines."""
+    ax.set_xticks([]), ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set(visible=True, color="#BBBBBB")
+
+
+def plot_attention_maps(image, panels, rows, columns, title):
+    """Where query tokens look, per head. `image` is the uint8 (H, W, C) test image; `rows` are (arch,
+    label, (y, x) pixel of the query); `columns` the panels' titles; `panels[r, c]` a dict with `weights`,
+    the (k, k) attention of the query over the keys' grid, `keys`, the (k, k) bool map of the keys it may
+    see at all, and `query`, its (row, column) on its (n, n) grid, with `n`. Colour: log2 of (weight x
+    number of keys), the ratio to uniform attention over the query's keys, on ONE symmetric scale for the
+    whole figure, so that equal colours mean equal ratios in every panel; white is exactly the uniform
+    share. The scale reaches the largest ratio in the figure (a head can put its whole weight on one key:
+    at most the number of keys); smaller ratios than its inverse, down to weights that round to 0, take
+    its darkest blue. Tokens that are not keys are hatched, the grey line outlines the object, + marks the
+    query token's centre and the black line is the border of its keys."""
+    size = image.shape[0]
+    grey = image.float().mean(-1).numpy()
+    log_ratio = {}
+    with np.errstate(divide="ignore"):
+        for key, p in panels.items():
+            log_ratio[key] = np.log2(p["weights"] * p["keys"].sum())
+    limit = max(1.0, max(float(r[panels[key]["keys"]].max()) for key, r in log_ratio.items()))
+    ratio = {key: np.ma.masked_where(~panels[key]["keys"], r.clip(-limit - 1, None)) for key, r in log_ratio.items()}
+    below = any(float(r[panels[key]["keys"]].min()) < -limit for key, r in log_ratio.items())
+    norm = TwoSlopeNorm(0.0, -limit, limit)  # 0 (the uniform share) is the centre of the map: white
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad((0, 0, 0, 0))  # not a key: transparent, over the hatching
+    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(2.1 * (1 + len(columns)) + 1.6, 2.25 * len(rows)),
+                             squeeze=False, layout="constrained")
+    extent = (-0.5, size - 0.5, size - 0.5, -0.5)
+    for r, (arch, label, (y, x)) in enumerate(rows):
+        ax = axes[r, 0]
+        ax.imshow(grey, cmap="gray", extent=extent)
+        ax.plot(x, y, "+", color=QUERY_COLOUR, ms=12, mew=2.5, path_effects=HALO)
+        ax.set_ylabel(f"{arch}\n{label}", color=ARCH_COLOUR[arch], fontsize=9, weight="bold")
+        if r == 0:
+            ax.set_title("test image,\nquery pixel +", fontsize=9)
+        for c, name in enumerate(columns):
+            p, ax = panels[r, c], axes[r, c + 1]
+            k, n = p["weights"].shape[0], p["n"]
+            ax.add_patch(Rectangle((-0.5, -0.5), size, size, fc="white", ec="#BBBBBB", hatch="////", lw=0, zorder=-1))
+            ax.imshow(ratio[r, c], cmap=cmap, norm=norm, extent=extent, interpolation="nearest")
+            ax.contour(grey, levels=[0.3 * grey.max()], colors="#777777", linewidths=0.8)
+            if not p["keys"].all():
+                cell_borders(ax, p["keys"].astype(int), size / k, colors="black", linewidths=1.2)
+            qr, qc = p["query"]
+            ax.plot((qc + 0.5) * size / n - 0.5, (qr + 0.5) * size / n - 0.5, "+", color="black", ms=8, mew=1.8,
+                    path_effects=HALO)
+            ax.set(xlim=(-0.5, size - 0.5), ylim=(size - 0.5, -0.5))
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+    for ax in axes.flat:
+        frame(ax)
+    step = max(1, int(limit) // 4)
+    ticks = [t for t in range(-int(limit), int(limit) + 1) if t % step == 0]
+    labels = [ratio_label(t) + (" = uniform" if t == 0 else "") for t in ticks]
+    if limit - ticks[-1] > 0.3:  # label the top of the scale too: the largest ratio in the figure
+        ticks, labels = ticks + [limit], labels + [f"{2 ** limit:.3g}x (largest)"]
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, ticks=ticks, shrink=0.7, extend="min" if below else "neither")
+    bar.ax.set_yticklabels(labels)
+    bar.set_label("attention / uniform share of the query's keys\n(one scale for the whole figure)")
+    fig.legend(handles=[Patch(fc="white", ec="#BBBBBB", hatch="////", label="not a key of this query"),
+                        Line2D([], [], color="black", lw=1.2, label="border of its keys"),
+                        Line2D([], [], color="#777777", lw=0.8, label="outline of the object"),
+                        Line2D([], [], ls="", marker="+", color="black", ms=9, mew=2, label="the query token")],
+               loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def plot_attention_distance(distances, uniform, title):
+    """Mean attention distance of every head (a dot), per attention block, vanilla orange and UniNeXt blue
+    (`distances[arch][block]`, (heads,) pixels), beside uniform attention over the same keys (dashed,
+    `uniform[block]`)."""
+    names = list(uniform)
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    for k, (arch, per_block) in enumerate(distances.items()):
+        for i, name in enumerate(names):
+            d = np.asarray(per_block[name])
+            ax.scatter(np.full(len(d), i + (k - 0.5) * 0.25), d, color=ARCH_COLOUR[arch], s=22, alpha=0.85,
+                       label=f"{arch} (one dot per head)" if i == 0 else None)
+    for i, name in enumerate(names):
+        ax.plot([i - 0.35, i + 0.35], [uniform[name]] * 2, color="black", lw=1.2, ls="--",
+                label="uniform attention over the same keys" if i == 0 else None)
+    ax.set_xticks(range(len(names)), names, fontsize=8)
+    ax.set(xlabel="attention block", ylabel="mean attention distance (pixels)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_erfs(fields, rows, columns, notes, title, tokens):
+    """Effective receptive fields: `fields[row, column]` an (H, W) map of |gradient| over the input pixels,
+    each drawn over its own largest value on ONE log colour scale for the whole figure (1e-3 to 1; darker
+    than the scale's bottom is black) and white where the gradient is exactly zero: outside the receptive
+    field. Rows are architectures, labelled in their colours; `notes[row, column]` goes under the column's
+    title. `tokens[column]` is (top, left, side) in pixels of the feature's token, outlined in sky blue."""
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.75 * len(columns) + 1.4, 2.15 * len(rows)),
+                             squeeze=False, layout="constrained")
+    cmap = plt.get_cmap("magma").copy()
+    cmap.set_bad("white")
+    cmap.set_under("black")
+    norm = LogNorm(1e-3, 1)
+    for r, arch in enumerate(rows):
+        for c, column in enumerate(columns):
+            g, ax = fields[arch, column], axes[r, c]
+            ax.imshow(np.ma.masked_equal(g / g.max(), 0), cmap=cmap, norm=norm, interpolation="nearest")
+            top, left, side = tokens[column]
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, ec="#56B4E9", lw=1.2))
+            ax.set_title(f"{column}\n{notes[arch, column]}", fontsize=8)
+            frame(ax)
+            if c == 0:
+                ax.set_ylabel(arch, color=ARCH_COLOUR[arch], fontsize=11, weight="bold")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.7, extend="min",
+                 label="|gradient| / largest in its panel\n(log scale; white: exactly 0)")
+    fig.suptitle(title, fontsize=11)
     return fig
