@@ -584,3 +584,20 @@ def plot_erfs(fields, rows, columns, notes, title, tokens):
                  label="|gradient| / largest in its panel\n(log scale; white: exactly 0)")
     fig.suptitle(title, fontsize=11)
     return fig
+
+
+# 04_mixer_comparison
+
+
+def plot_lifts(before, after, mixers, before_label, after_label):
+    """UniNeXt - vanilla per mixer in two comparisons ({mixer: points}), on one axis with zero marked."""
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.plot(mixers, [before.get(m, np.nan) for m in mixers], "s", color="0.5", ms=8, label=before_label)
+    ax.plot(mixers, [after.get(m, np.nan) for m in mixers], "o", color=ARCH_COLOUR["uninext"], ms=8,
+            label=after_label)
+    ax.set(ylabel="UniNeXt - vanilla (points)", title="UniNeXt's lift per mixer, mean over seeds")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
