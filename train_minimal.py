@@ -86,7 +86,6 @@ INGREDIENTS = {  # the switches of uninext.create_model, each on or off as --arc
 LOG_EVERY = 20  # steps between progress updates and NaN checks (each syncs with the GPU and other processes)
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Arguments
 
@@ -189,7 +188,6 @@ def resolve(args):
         args.out = args.resume or f"runs/{args.dataset}-{name}"
     check_options(args)
     return args
-
 
 
 # ----------------------------------------------------------------------------------------------------------

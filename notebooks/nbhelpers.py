@@ -326,8 +326,8 @@ def plot_training(steps, epochs, title):
         axes[1].plot(*zip(*tested), "o", color=ARCH_COLOUR[arch], mec="black", ms=8, label=f"{arch}, test")
     lr = next(iter(steps.values()))
     axes[2].plot([r["step"] for r in lr], [r["lr"] for r in lr], color="black", lw=1)
-    for ax, name, ylabel in zip(axes, ["Training loss (with label smoothing)", "Top-1 accuracy",
-                                       "Learning rate, every 20 steps"], ["cross-entropy", "top-1 (%)", "learning rate"]):
+    names = ["Training loss (with label smoothing)", "Top-1 accuracy", "Learning rate, every 20 steps"]
+    for ax, name, ylabel in zip(axes, names, ["cross-entropy", "top-1 (%)", "learning rate"]):
         ax.set(title=name, ylabel=ylabel, xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[1].set_ylim(0, 100)
