@@ -525,7 +525,8 @@ def plot_attention_maps(image, panels, rows, columns, title):
     labels = [ratio_label(t) + (" = uniform" if t == 0 else "") for t in ticks]
     if limit - ticks[-1] > 0.3:  # label the top of the scale too: the largest ratio in the figure
         ticks, labels = ticks + [limit], labels + [f"{2 ** limit:.3g}x (largest)"]
-    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, ticks=ticks, shrink=0.7, extend="min" if below else "neither")
+    bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, ticks=ticks, shrink=0.7,
+                       extend="min" if below else "neither")
     bar.ax.set_yticklabels(labels)
     bar.set_label("attention / uniform share of the query's keys\n(one scale for the whole figure)")
     fig.legend(handles=[Patch(fc="white", ec="#BBBBBB", hatch="////", label="not a key of this query"),

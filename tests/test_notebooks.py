@@ -6,6 +6,9 @@ The executed copies are thrown away: the committed .ipynb files keep their full-
 four fast runs take a few minutes at most on two CPU cores."""
 
 import re
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,12 @@ def test_notebook_opens_with_a_colab_badge_and_a_setup_cell_for_colab_and_local_
     assert f'REPO = "{badge.group(1)}"' in setup, "the badge and the REPO that the first cell clones differ"
     for needle in ('"google.colab" in sys.modules', "git", "clone", "sys.path.insert", "UNINEXT_FAST"):
         assert needle in setup
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_on_colab_the_placeholder_repository_stops_the_first_cell_with_what_to_set(path, monkeypatch):
+    setup = code_cells(read(path))[0].source
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a[0]} with the placeholder"))
+    with pytest.raises(SystemExit, match="REPO is still the placeholder"):
+        exec(setup, {"__name__": "setup"})
