@@ -46,16 +46,14 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-import train_minimal  # noqa: E402
-import train_helpers  # noqa: E402
-import uninext  # noqa: E402
+import train_helpers
+import train_minimal
+import uninext
 
 COLUMNS = ["dataset", "train_size", "size", "model", "mixer", "arch", "view", "seed", "epochs", "params", "macs",
            "test_acc1", "cpu_seconds", "seconds", "status", "device", "date", "key", "command"]
@@ -506,7 +504,9 @@ def plot(rows, args, path):
     """Test accuracy per mixer (or ablation step), a dot per seed and the mean with its t-interval, the
     baselines as lines, the axis from the linear baseline up; beside it, accuracy against CPU time."""
     acc = accuracies(rows)
-    fig, (ax, cost) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110, gridspec_kw={"width_ratios": [1.6, 1]})
+    fig = Figure(figsize=(13, 4.8), dpi=110)  # drawn on its own canvas: pyplot's backend stays as it was
+    FigureCanvasAgg(fig)
+    ax, cost = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     if args.ablation:
         series = [(label, [(("window", label, "epochs"), COLORS["vanilla" if label == "vanilla" else
                                                                "uninext" if label == "uninext" else "ingredient"])])
@@ -558,7 +558,6 @@ def plot(rows, args, path):
     cost.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -27,14 +27,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
-import torch  # noqa: E402
-
-import train_minimal  # noqa: E402
+import train_minimal
 
 # What each model is, as train_minimal options.
 MODELS = {
@@ -123,7 +121,9 @@ def plot(rows, args, path):
     """Test accuracy against CPU-minutes on a log axis, a line per model. The linear classifier trains in
     seconds, far left of the others, so it is drawn as a level line at its best accuracy; the accuracy axis
     starts just below it, at what any model must beat to have learned anything."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig = Figure(figsize=(7.5, 4.8))  # drawn on its own canvas: pyplot's backend stays as it was
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for label in MODELS:
         points = sorted((float(r["cpu_seconds"]) / 60, float(r["test_acc1"])) for r in rows if r["label"] == label)
         if not points:
@@ -146,7 +146,6 @@ def plot(rows, args, path):
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
