@@ -31,6 +31,7 @@ import gzip
 import json
 import math
 import os
+import platform
 import random
 import shlex
 import signal
@@ -546,8 +547,22 @@ def device_name(device, world):
         name = torch.cuda.get_device_name(device)
     else:
         threads = torch.get_num_threads()
-        name = f"{device.type} ({threads} thread{'s' if threads > 1 else ''})"
+        processor = f" of {cpu_model()}" if device.type == "cpu" else ""
+        name = f"{device.type} ({threads} thread{'s' if threads > 1 else ''}{processor})"
     return f"{world} x {name}" if world > 1 else name
+
+
+def cpu_model():
+    """The processor's name as Linux reports it, else platform's guess: CPU-seconds compare runs only on
+    the same processor, so every summary names it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "an unknown processor"
 
 
 def describe_epoch(row, epochs, history):
