@@ -320,8 +320,9 @@ def difference_interval(a, b):
 
 def bootstrap(cells, statistic, n=2000, seed=0):
     """The percentile interval of statistic({cell: mean}) when each cell's seeds are resampled with
-    replacement; None when no cell has two seeds."""
-    if all(len(v) < 2 for v in cells.values()):
+    replacement; None unless every cell has two seeds or more: a cell of one seed has no spread to resample,
+    and holding it fixed would make the interval far too narrow."""
+    if any(len(v) < 2 for v in cells.values()):
         return None
     rng = random.Random(seed)
     draws = sorted(statistic({k: statistics.fmean(rng.choices(v, k=len(v))) for k, v in cells.items()})

@@ -195,6 +195,18 @@ def test_differences_inside_the_seed_noise_cannot_be_told():
     assert text.count("cannot tell at this scale") == 3
 
 
+def test_a_sweep_with_one_seed_in_most_cells_gets_no_interval_from_the_few_with_two():
+    text = claims({  # a sweep cut short: pool vanilla has its second seed, every other cell one
+        ("pool", "vanilla"): [80.0, 80.1], ("pool", "uninext"): [90.0],
+        ("conv", "vanilla"): [85.0], ("conv", "uninext"): [89.0],
+        ("window", "vanilla"): [83.0], ("window", "uninext"): [88.0],
+    })
+    assert "narrows the gap between mixers: cannot tell at this scale.** " in text
+    assert "narrowing +1.22 (no interval (one seed))" in text
+    assert "Kendall tau-b of the two rankings -0.33. Vanilla" in text  # a value, no interval
+    assert cm.bootstrap({"a": [1.0, 2.0], "b": [3.0]}, lambda ms: ms["a"] - ms["b"]) is None
+
+
 def test_the_ablation_says_what_each_ingredient_alone_does_and_whether_the_stem_is_most_of_the_lift():
     table = {("window", label): [base + d for d in (-0.1, 0, 0.1)] for label, base in [
         ("vanilla", 80), ("+conv stem", 86), ("+EC", 80.05), ("+HdC", 81), ("+PC", 79), ("uninext", 88)]}
