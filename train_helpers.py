@@ -431,12 +431,11 @@ class Tracker:
             progress["log"].append({
                 "step": (epoch - 1) * steps + step + 1, "epoch": round(epoch - 1 + (step + 1) / steps, 4),
                 "lr": lr, "train_loss": seen[first:].mean().item(),
-                "train_acc1": 100 * all_sum(hits[first:step + 1]).sum().item() / (
-                    (step + 1 - first) * args.batch_size),
+                "train_acc1": self.top1(first, step + 1),
                 "cpu_seconds": round(cpu_run, 2)})
         self.progress_bar.set_postfix(
             loss=f"{seen.mean().item():.3f}",
-            acc=f"{100 * all_sum(hits).sum().item() / ((step + 1) * args.batch_size):.1f}%",
+            acc=f"{self.top1(0, step + 1):.1f}%",
             img_s=f"{(step + 1 - self.start) * args.batch_size / (now - self.tick):,.0f}",
             cpu=f"{cpu_run / 60:.1f} min")
         done = step + 1 - self.start
@@ -454,6 +453,10 @@ class Tracker:
             raise KeyboardInterrupt(stopped_message(self.out, f"epoch {epoch}, step {step + 1} of {steps}",
                                                     self.interrupt["requested"]))
 
+    def top1(self, first, last):
+        """Training top-1 in % over steps first..last-1 of the epoch, all processes together."""
+        return 100 * all_sum(self.hits[first:last]).sum().item() / ((last - first) * self.args.batch_size)
+
     def end_epoch(self, epoch, test_loss, test_acc1):
         """The epoch's metrics row, last.pt (and best.pt when the test accuracy is the best so far), the
         records; then stop here if Ctrl-C or SIGTERM came during the epoch."""
@@ -462,7 +465,7 @@ class Tracker:
             raise Diverged(f"the test loss after epoch {epoch} was {test_loss}, so the run stopped; "
                            f"{describe_last(progress, out)} Try a lower --lr, or --amp bf16 or off.")
         row = {"epoch": epoch, "lr": self.lr, "train_loss": (all_sum(self.losses) / world).mean().item(),
-               "train_acc1": 100 * all_sum(self.hits).sum().item() / (self.steps * args.batch_size),
+               "train_acc1": self.top1(0, self.steps),
                "test_loss": test_loss, "test_acc1": test_acc1,
                "img_per_s": self.steps * args.batch_size / self.train_seconds,
                "seconds": self.train_seconds + time.perf_counter() - self.tick,
