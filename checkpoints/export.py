@@ -12,26 +12,29 @@ prints the SHA-256 of model.pt, which checkpoints/README.md lists beside the com
 import argparse
 import hashlib
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 FILES = ["metrics.csv", "steps.csv", "summary.json"]
+sys.path.insert(0, str(HERE.parent))  # uninext.py, however this script is started
+import uninext  # noqa: E402
 
 
 def export(run, name, into=HERE):
     """Write into/name/ from the run folder `run`; return the SHA-256 of its model.pt."""
     run, target = Path(run), Path(into) / name
-    checkpoint = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    if not checkpoint.get("model_config"):
-        raise SystemExit(f"{run / 'last.pt'} holds no UniNeXt configuration: only UniNeXt runs are exported")
+    try:
+        model = uninext.load(run)  # the weights that were tested: the EMA's when the run kept one
+    except ValueError as e:
+        raise SystemExit(f"{e}: only UniNeXt runs are exported") from None
     missing = [f for f in FILES if not (run / f).is_file()]
     if missing:
         raise SystemExit(f"{run} lacks {', '.join(missing)}: export a finished run")
-    ema = checkpoint.get("ema")
-    weights = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")} if ema else \
-        checkpoint["model"]
+    checkpoint = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    weights = model.state_dict()
     small = {"model": {k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
              "model_config": checkpoint["model_config"], "normalisation": checkpoint["normalisation"],
              "config": checkpoint["config"]}
