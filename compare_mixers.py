@@ -172,13 +172,14 @@ def planned_runs(args, recipe, rows):
         plan += [run(seed, model, "", model, "epochs", args.epochs, []) for model in BASELINES]
     if args.ablation:
         return plan
-    for seed in args.seeds:
-        for mixer in args.mixers:
-            done = [by_key.get(equal_epochs(args.seeds[0], mixer, arch)["key"]) for arch in uninext.ARCHS]
-            if all(r and r["status"] == "ok" for r in done):
-                epochs = max(1, round(args.epochs * float(done[0]["cpu_seconds"]) / float(done[1]["cpu_seconds"])))
-                plan.append(run(seed, "uninext", mixer, "vanilla", "cpu", epochs, ["--arch", "vanilla"]))
-    return plan
+    cpu_epochs = {}  # mixer: vanilla's epochs at UniNeXt's CPU time, from the first seed's two runs
+    for mixer in args.mixers:
+        done = [by_key.get(equal_epochs(args.seeds[0], mixer, arch)["key"]) for arch in uninext.ARCHS]
+        if all(r and r["status"] == "ok" for r in done):
+            ratio = float(done[0]["cpu_seconds"]) / float(done[1]["cpu_seconds"])  # UniNeXt's over vanilla's
+            cpu_epochs[mixer] = max(1, round(args.epochs * ratio))
+    return plan + [run(seed, "uninext", mixer, "vanilla", "cpu", epochs, ["--arch", "vanilla"])
+                   for seed in args.seeds for mixer, epochs in cpu_epochs.items()]
 
 
 def run_key(argv):
