@@ -502,6 +502,17 @@ def summarise_ablation(rows, args):
     return "\n".join(lines)
 
 
+def label_points(axis, points):
+    """Name each point to its right; where names would overlap, each next one (from the top) goes a line lower."""
+    axis.margins(x=0.12)  # room for the names of the rightmost points
+    (x0, x1), (y0, y1) = axis.get_xlim(), axis.get_ylim()
+    placed = []
+    for x, y, text in sorted(points, key=lambda p: -p[1]):
+        below = sum(abs(x - px) < 0.12 * (x1 - x0) and abs(y - py) < 0.03 * (y1 - y0) for px, py in placed)
+        axis.annotate(text, (x, y), xytext=(4, 2 - 8 * below), textcoords="offset points", fontsize=7)
+        placed.append((x, y))
+
+
 def plot(rows, args, path):
     """Test accuracy per mixer (or ablation step), a dot per seed and the mean with its t-interval, the
     baselines as lines, the axis from the linear baseline up; beside it, accuracy against CPU time."""
@@ -516,6 +527,7 @@ def plot(rows, args, path):
     else:
         series = [(m, [((m, "vanilla", "epochs"), COLORS["vanilla"]), ((m, "vanilla", "cpu"), "#B07800"),
                        ((m, "uninext", "epochs"), COLORS["uninext"])]) for m in args.mixers]
+    names = []  # (CPU-minutes, accuracy, name) of each point of the cost panel, labelled once all are drawn
     for i, (_, cells) in enumerate(series):
         for j, (cell, color) in enumerate(cells):
             if cell not in acc:
@@ -529,8 +541,7 @@ def plot(rows, args, path):
             ax.plot([x] * len(values), values, ".", color="black", ms=3)
             spent = mean_of(rows, "cpu_seconds", mixer=cell[0], arch=cell[1], view=cell[2]) / 60
             cost.plot(spent, mean, "o", color=color, mfc="white" if cell[2] == "cpu" else color)
-            cost.annotate(cell[1] if args.ablation else cell[0], (spent, mean), xytext=(3, 2),
-                          textcoords="offset points", fontsize=7)
+            names.append((spent, mean, cell[1] if args.ablation else cell[0]))
     floor = None
     for b, style in zip(BASELINES, ["--", ":"]):
         if (b, b, "epochs") in acc:
@@ -542,6 +553,7 @@ def plot(rows, args, path):
     if values:
         ax.set_ylim(min(floor if floor is not None else min(values), min(values)) - 1, max(values) + 1)
         cost.set_ylim(ax.get_ylim())
+    label_points(cost, names)
     ax.set_xticks(range(len(series)), [s[0] for s in series])
     ax.set_xlim(-0.6, len(series) - 0.4)  # a slot for every mixer, finished or not
     if not args.ablation:
