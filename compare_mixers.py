@@ -528,6 +528,7 @@ def plot(rows, args, path):
         series = [(m, [((m, "vanilla", "epochs"), COLORS["vanilla"]), ((m, "vanilla", "cpu"), "#B07800"),
                        ((m, "uninext", "epochs"), COLORS["uninext"])]) for m in args.mixers]
     names = []  # (CPU-minutes, accuracy, name) of each point of the cost panel, labelled once all are drawn
+    ends = []  # the ends of every interval, so that the axis shows them whole
     for i, (_, cells) in enumerate(series):
         for j, (cell, color) in enumerate(cells):
             if cell not in acc:
@@ -537,6 +538,7 @@ def plot(rows, args, path):
             if len(values) > 1:
                 half = t_quantile((1 + CONFIDENCE) / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
                 ax.errorbar(x, mean, half, color=color, capsize=3, lw=1.2)
+                ends += [mean - half, mean + half]
             ax.plot(x, mean, "o", color=color, ms=7, mfc="white" if cell[2] == "cpu" else color)
             ax.plot([x] * len(values), values, ".", color="black", ms=3)
             spent = mean_of(rows, "cpu_seconds", mixer=cell[0], arch=cell[1], view=cell[2]) / 60
@@ -549,9 +551,9 @@ def plot(rows, args, path):
             floor = level if b == "linear" else floor
             for axis in (ax, cost):
                 axis.axhline(level, color="grey", ls=style, lw=1, label=f"{b}, {args.epochs} epochs: {level:.1f}%")
-    values = [v for seeds in acc.values() for v in seeds]
+    values = [v for seeds in acc.values() for v in seeds] + ends
     if values:
-        ax.set_ylim(min(floor if floor is not None else min(values), min(values)) - 1, max(values) + 1)
+        ax.set_ylim(min(floor if floor is not None else min(values), min(values)) - 1, max(values) + 0.5)
         cost.set_ylim(ax.get_ylim())
     label_points(cost, names)
     ax.set_xticks(range(len(series)), [s[0] for s in series])
