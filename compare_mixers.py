@@ -503,13 +503,14 @@ def summarise_ablation(rows, args):
 
 
 def label_points(axis, points):
-    """Name each point to its right; where names would overlap, each next one (from the top) goes a line lower."""
+    """Name each point to its right in its colour; where names would overlap, each next one (from the top)
+    goes a line lower."""
     axis.margins(x=0.12)  # room for the names of the rightmost points
     (x0, x1), (y0, y1) = axis.get_xlim(), axis.get_ylim()
     placed = []
-    for x, y, text in sorted(points, key=lambda p: -p[1]):
+    for x, y, text, color in sorted(points, key=lambda p: -p[1]):
         below = sum(abs(x - px) < 0.12 * (x1 - x0) and abs(y - py) < 0.03 * (y1 - y0) for px, py in placed)
-        axis.annotate(text, (x, y), xytext=(4, 2 - 8 * below), textcoords="offset points", fontsize=7)
+        axis.annotate(text, (x, y), xytext=(4, 2 - 8 * below), textcoords="offset points", fontsize=7, color=color)
         placed.append((x, y))
 
 
@@ -527,7 +528,7 @@ def plot(rows, args, path):
     else:
         series = [(m, [((m, "vanilla", "epochs"), COLORS["vanilla"]), ((m, "vanilla", "cpu"), "#B07800"),
                        ((m, "uninext", "epochs"), COLORS["uninext"])]) for m in args.mixers]
-    names = []  # (CPU-minutes, accuracy, name) of each point of the cost panel, labelled once all are drawn
+    names = []  # (CPU-minutes, accuracy, name, colour) of each point of the cost panel, labelled once all are drawn
     ends = []  # the ends of every interval, so that the axis shows them whole
     for i, (_, cells) in enumerate(series):
         for j, (cell, color) in enumerate(cells):
@@ -543,7 +544,7 @@ def plot(rows, args, path):
             ax.plot([x] * len(values), values, ".", color="black", ms=3)
             spent = mean_of(rows, "cpu_seconds", mixer=cell[0], arch=cell[1], view=cell[2]) / 60
             cost.plot(spent, mean, "o", color=color, mfc="white" if cell[2] == "cpu" else color)
-            names.append((spent, mean, cell[1] if args.ablation else cell[0]))
+            names.append((spent, mean, cell[1] if args.ablation else cell[0], color))
     floor = None
     for b, style in zip(BASELINES, ["--", ":"]):
         if (b, b, "epochs") in acc:
