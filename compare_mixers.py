@@ -503,15 +503,31 @@ def summarise_ablation(rows, args):
 
 
 def label_points(axis, points):
-    """Name each point to its right in its colour; where names would overlap, each next one (from the top)
-    goes a line lower."""
-    axis.margins(x=0.12)  # room for the names of the rightmost points
-    (x0, x1), (y0, y1) = axis.get_xlim(), axis.get_ylim()
-    placed = []
+    """Name each point in its colour, from the top down: to its right, else to its left, else a line lower
+    or higher, wherever the name stays inside the axes and covers no name or point already drawn. Call it
+    once the layout is final."""
+    renderer = axis.figure.canvas.get_renderer()
+    scale = axis.figure.dpi / 72  # pixels per typographic point
+    axis.get_xlim()  # the autoscaled limits, before data coordinates become pixels
+    pixels = [axis.transData.transform((x, y)) for x, y, _, _ in points]
+    taken = [(px - 4 * scale, py - 4 * scale, px + 4 * scale, py + 4 * scale) for px, py in pixels]  # markers
+    frame = axis.get_window_extent(renderer)
     for x, y, text, color in sorted(points, key=lambda p: -p[1]):
-        below = sum(abs(x - px) < 0.12 * (x1 - x0) and abs(y - py) < 0.03 * (y1 - y0) for px, py in placed)
-        axis.annotate(text, (x, y), xytext=(4, 2 - 8 * below), textcoords="offset points", fontsize=7, color=color)
-        placed.append((x, y))
+        label = axis.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=7, color=color)
+        line = label.get_window_extent(renderer).height / scale + 1
+        for dy in [-3 + line * k * sign for k in range(8) for sign in ((1,) if k == 0 else (-1, 1))]:
+            for side in (1, -1):
+                label.set_position((5 * side, dy))
+                label.set_horizontalalignment("left" if side > 0 else "right")
+                box = label.get_window_extent(renderer)
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                if inside and not any(box.x0 < t[2] and t[0] < box.x1 and box.y0 < t[3] and t[1] < box.y1
+                                      for t in taken):
+                    break
+            else:
+                continue
+            break
+        taken.append((box.x0, box.y0, box.x1, box.y1))
 
 
 def plot(rows, args, path):
@@ -556,7 +572,7 @@ def plot(rows, args, path):
     if values:
         ax.set_ylim(min(floor if floor is not None else min(values), min(values)) - 1, max(values) + 0.5)
         cost.set_ylim(ax.get_ylim())
-    label_points(cost, names)
+    cost.margins(x=0.12)  # room for the names of the rightmost points
     ax.set_xticks(range(len(series)), [s[0] for s in series])
     ax.set_xlim(-0.6, len(series) - 0.4)  # a slot for every mixer, finished or not
     if not args.ablation:
@@ -574,6 +590,7 @@ def plot(rows, args, path):
     cost.set_title("What it cost", fontsize=9)
     cost.grid(alpha=0.3)
     fig.tight_layout()
+    label_points(cost, names)
     fig.savefig(path)
 
 

@@ -228,3 +228,27 @@ def test_an_option_added_later_and_left_unset_keeps_every_key(monkeypatch):
 
     monkeypatch.setattr(train_minimal, "build_parser", with_a_new_option)
     assert key() == before and key("--label-noise", "0.1") != before
+
+
+def test_the_names_in_the_cost_panel_neither_cover_each_other_nor_leave_the_axes():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    axis = fig.subplots()
+    points = [(10 + 0.05 * i, 91 + 0.03 * (i % 3), name, "black")  # seven points within a name's width
+              for i, name in enumerate(["identity", "pool", "conv", "window", "cswin", "pvt", "global"])]
+    points += [(5.0, 88.0, "identity", "black"), (15.0, 86.0, "global", "black")]  # at the left and right edges
+    for x, y, _, _ in points:
+        axis.plot(x, y, "o")
+    axis.margins(x=0.12)
+    fig.tight_layout()
+    cm.label_points(axis, points)
+    renderer = fig.canvas.get_renderer()
+    frame = axis.get_window_extent(renderer)
+    boxes = [text.get_window_extent(renderer) for text in axis.texts]
+    assert len(boxes) == len(points)
+    for i, box in enumerate(boxes):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        assert not any(box.overlaps(other) for other in boxes[i + 1:])
