@@ -487,8 +487,8 @@ def summarise_ablation(rows, args):
     for label in steps:
         d, lo, hi = difference_interval(acc["window", label, "epochs"], base)
         lines.append(f"| {label} | {cell_text(acc['window', label, 'epochs'])} | "
-                     f"{number(mean_of(rows, 'cpu_seconds', arch=label) / 60)} | {d:+.2f} ({interval_text(lo, hi)}) | "
-                     f"{verdict(lo, hi) if label != 'vanilla' else ''} |")
+                     f"{number(mean_of(rows, 'cpu_seconds', arch=label) / 60)} | "
+                     + ("| |" if label == "vanilla" else f"{d:+.2f} ({interval_text(lo, hi)}) | {verdict(lo, hi)} |"))
     if {"+conv stem", "uninext"} <= set(steps):
         cells = {label: acc["window", label, "epochs"] for label in ("vanilla", "+conv stem", "uninext")}
         share = lambda ms: (ms["+conv stem"] - ms["vanilla"]) / (ms["uninext"] - ms["vanilla"])

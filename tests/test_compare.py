@@ -215,6 +215,7 @@ def test_the_ablation_says_what_each_ingredient_alone_does_and_whether_the_stem_
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| +")}
     assert lines["+conv stem"].endswith("| holds |") and lines["+HdC"].endswith("| holds |")
     assert lines["+PC"].endswith("| does not hold |") and lines["+EC"].endswith("| cannot tell at this scale |")
+    assert next(line for line in text.splitlines() if line.startswith("| vanilla")).endswith("| | |")  # no self-test
     assert "The conv stem alone gives most of UniNeXt's lift: holds.** Its share of the lift: 75%" in text
 
 
