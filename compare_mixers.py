@@ -515,18 +515,15 @@ def label_points(axis, points):
     for x, y, text, color in sorted(points, key=lambda p: -p[1]):
         label = axis.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=7, color=color)
         line = label.get_window_extent(renderer).height / scale + 1
-        for dy in [-3 + line * k * sign for k in range(8) for sign in ((1,) if k == 0 else (-1, 1))]:
-            for side in (1, -1):
-                label.set_position((5 * side, dy))
-                label.set_horizontalalignment("left" if side > 0 else "right")
-                box = label.get_window_extent(renderer)
-                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-                if inside and not any(box.x0 < t[2] and t[0] < box.x1 and box.y0 < t[3] and t[1] < box.y1
-                                      for t in taken):
-                    break
-            else:
-                continue
-            break
+        places = [(side, -3 + line * k * sign)  # right, left, a line lower (right, left), a line higher, ...
+                  for k in range(8) for sign in ((1,) if k == 0 else (-1, 1)) for side in (1, -1)]
+        for side, dy in places:  # the first free place; if none is, the last one tried
+            label.set_position((5 * side, dy))
+            label.set_horizontalalignment("left" if side > 0 else "right")
+            box = label.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.x0 < t[2] and t[0] < box.x1 and box.y0 < t[3] and t[1] < box.y1 for t in taken):
+                break
         taken.append((box.x0, box.y0, box.x1, box.y1))
 
 
