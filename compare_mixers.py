@@ -48,6 +48,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -510,7 +511,8 @@ def label_points(axis, points):
     scale = axis.figure.dpi / 72  # pixels per typographic point
     axis.get_xlim()  # the autoscaled limits, before data coordinates become pixels
     pixels = [axis.transData.transform((x, y)) for x, y, _, _ in points]
-    taken = [(px - 4 * scale, py - 4 * scale, px + 4 * scale, py + 4 * scale) for px, py in pixels]  # markers
+    taken = [Bbox.from_extents(px - 4 * scale, py - 4 * scale, px + 4 * scale, py + 4 * scale)  # the markers
+             for px, py in pixels]
     frame = axis.get_window_extent(renderer)
     for x, y, text, color in sorted(points, key=lambda p: -p[1]):
         label = axis.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=7, color=color)
@@ -521,10 +523,9 @@ def label_points(axis, points):
             label.set_position((5 * side, dy))
             label.set_horizontalalignment("left" if side > 0 else "right")
             box = label.get_window_extent(renderer)
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(box.x0 < t[2] and t[0] < box.x1 and box.y0 < t[3] and t[1] < box.y1 for t in taken):
+            if frame.contains(*box.p0) and frame.contains(*box.p1) and not any(box.overlaps(t) for t in taken):
                 break
-        taken.append((box.x0, box.y0, box.x1, box.y1))
+        taken.append(box)
 
 
 def plot(rows, args, path):
