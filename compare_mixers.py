@@ -442,6 +442,15 @@ def claims(acc, mixers, vanilla_view):
     ]
 
 
+def baseline_lines(rows, acc):
+    """The baselines' table, trained with the same recipe and epochs as the runs they stand beside."""
+    macs = {r["model"]: int(r["macs"]) for r in rows if r["model"] in BASELINES}
+    return ["", "Baselines, the same recipe and epochs:", "", "| model | test top-1 | CPU-min | MMAC |",
+            "|---|---|---|---|"] + [
+        f"| {b} | {cell_text(acc.get((b, b, 'epochs')))} | {number(mean_of(rows, 'cpu_seconds', model=b) / 60)} | "
+        f"{number(macs.get(b, math.nan) / 1e6, 3)} |" for b in BASELINES]
+
+
 def summarise(rows, args):
     """The table and the verdicts of the mixer comparison, as Markdown."""
     acc = accuracies(rows)
@@ -462,10 +471,7 @@ def summarise(rows, args):
             f"| {minutes(mixer=m, arch='vanilla', view='cpu')} | {cell_text(acc.get((m, 'uninext', 'epochs')))} "
             f"| {minutes(mixer=m, arch='uninext')} | {number(macs.get((m, 'vanilla'), math.nan) / 1e6)} / "
             f"{number(macs.get((m, 'uninext'), math.nan) / 1e6)} |")
-    lines += ["", "Baselines, the same recipe and epochs:", "", "| model | test top-1 | CPU-min | MMAC |",
-              "|---|---|---|---|"]
-    lines += [f"| {b} | {cell_text(acc.get((b, b, 'epochs')))} | {minutes(model=b)} | "
-              f"{number(macs.get((b, b), math.nan) / 1e6, 3)} |" for b in BASELINES]
+    lines += baseline_lines(rows, acc)
     diverged = [f"{r['mixer'] or r['model']} {r['arch']} ({r['view']}) seed {r['seed']}" for r in rows
                 if r["status"] == "diverged"]
     if diverged:
@@ -490,6 +496,7 @@ def summarise_ablation(rows, args):
         lines.append(f"| {label} | {cell_text(acc['window', label, 'epochs'])} | "
                      f"{number(mean_of(rows, 'cpu_seconds', arch=label) / 60)} | "
                      + ("| |" if label == "vanilla" else f"{d:+.2f} ({interval_text(lo, hi)}) | {verdict(lo, hi)} |"))
+    lines += baseline_lines(rows, acc)
     if {"+conv stem", "uninext"} <= set(steps):
         cells = {label: acc["window", label, "epochs"] for label in ("vanilla", "+conv stem", "uninext")}
         share = lambda ms: (ms["+conv stem"] - ms["vanilla"]) / (ms["uninext"] - ms["vanilla"])

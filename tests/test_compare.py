@@ -211,11 +211,14 @@ def test_the_ablation_says_what_each_ingredient_alone_does_and_whether_the_stem_
     table = {("window", label): [base + d for d in (-0.1, 0, 0.1)] for label, base in [
         ("vanilla", 80), ("+conv stem", 86), ("+EC", 80.05), ("+HdC", 81), ("+PC", 79), ("uninext", 88)]}
     args = cm.parse(["--ablation", "--tiny"])[0]
-    text = cm.summarise_ablation(rows_from(table), args)
+    cnn = {"mixer": "", "model": "cnn", "arch": "cnn", "view": "epochs", "status": "ok", "test_acc1": 85,
+           "cpu_seconds": 60, "macs": 28608000}
+    text = cm.summarise_ablation(rows_from(table) + [cnn], args)
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| +")}
     assert lines["+conv stem"].endswith("| holds |") and lines["+HdC"].endswith("| holds |")
     assert lines["+PC"].endswith("| does not hold |") and lines["+EC"].endswith("| cannot tell at this scale |")
     assert next(line for line in text.splitlines() if line.startswith("| vanilla")).endswith("| | |")  # no self-test
+    assert "| cnn | 85.00 | 1.0 | 28.608 |" in text and "| linear | - | - | - |" in text  # the baselines beside them
     assert "The conv stem alone gives most of UniNeXt's lift: holds.** Its share of the lift: 75%" in text
 
 
