@@ -28,7 +28,7 @@ epochs):
     label smoothing 0.1; drop path and the random crop (4 pixels of zero padding) only for long runs: in
         runs of a few epochs the model underfits, and augmentation only slows it down
     horizontal flip, the standard for CIFAR and Fashion-MNIST
-The evidence for each of these (what was predicted, what was measured) is in results/recipe_notes.md. The
+The evidence for each of these (what was predicted, what was measured) is in experiments/results/recipe_notes.md. The
 weight EMA (--ema) and Mixup/CutMix (--mixup, --cutmix) are off: in short runs they cost accuracy; DeiT-style
 recipes use them over hundreds of epochs.
 

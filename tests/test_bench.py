@@ -1,4 +1,4 @@
-"""benchmarks/bench.py, as a specification: its quick CPU run measures every mixer it is asked for and writes
+"""experiments/benchmarks/bench.py, as a specification: its quick CPU run measures every mixer it is asked for and writes
 JSON that says what produced the numbers, and its FLOP count charges a convolution's backward twice its
 forward, grouped or not. 34 s measured at load average 6 on 2 CPU cores (13 s at 1.8 with twice the rows)."""
 
@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import uninext
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+BENCH = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "bench.py"
 sys.path.insert(0, str(BENCH.parent))
 import bench  # noqa: E402
 

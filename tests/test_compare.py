@@ -1,4 +1,4 @@
-"""compare_mixers.py: the sweep runs, keys every run by all that changes its result, records a row per run,
+"""experiments/compare_mixers.py: the sweep runs, keys every run by all that changes its result, records a row per run,
 resumes without redoing, records a diverged run and moves on, and answers the paper's three claims with
 verdicts that respect the seed noise."""
 

@@ -1,4 +1,4 @@
-"""short_budget.py: every model through the same harness, a row per run with its cost and command, and a
+"""experiments/short_budget.py: every model through the same harness, a row per run with its cost and command, and a
 stopped sweep continued without training anything twice."""
 
 import csv

@@ -1,10 +1,10 @@
 """Training and inference speed of UniNeXt for every mixer, eager and compiled: the numbers behind the
 README's speed table, at the setting of its anchors (the authors' code and timm on one NVIDIA H200).
 
-    python benchmarks/bench.py --quick                                  # CPU smoke run, under a minute
-    python benchmarks/bench.py --size T --mixers window cswin conv pool pvt   # the anchors' eager rows (GPU)
-    python benchmarks/bench.py --size T --mixers window --compile off block --json t_window.json
-    python benchmarks/bench.py --size T32 --arch uninext vanilla --batch 32 --device cpu
+    python experiments/benchmarks/bench.py --quick                                  # CPU smoke run, under a minute
+    python experiments/benchmarks/bench.py --size T --mixers window cswin conv pool pvt   # the anchors' eager rows (GPU)
+    python experiments/benchmarks/bench.py --size T --mixers window --compile off block --json t_window.json
+    python experiments/benchmarks/bench.py --size T32 --arch uninext vanilla --batch 32 --device cpu
 
 One row per (architecture, mixer, compile mode), on random 3 x S x S images in channels_last memory (so
 that the model's first permute to (B, H, W, C) is free) and random labels (1000 classes at 224x224 presets,
@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import uninext  # noqa: E402
 

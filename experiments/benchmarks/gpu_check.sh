@@ -3,9 +3,9 @@
 # compared with at the anchors' setting (the authors' code and timm on one H200, see README), profiles of its window block and of the whole network, the
 # T32 epoch time, and the candidate changes of benchmarks/NOTES.md. Run from anywhere:
 #
-#   bash benchmarks/gpu_check.sh           # on the GPU machine; everything lands in $OUT (or benchmarks/results)
-#   BUDGET=540 bash benchmarks/gpu_check.sh      # in a device call with timeout_s=600, to reach the candidates
-#   bash benchmarks/gpu_check.sh --tiny    # any machine: N32 at 32x32, 2 steps, compiled rows through the
+#   bash experiments/benchmarks/gpu_check.sh           # on the GPU machine; everything lands in $OUT (or experiments/benchmarks/results)
+#   BUDGET=540 bash experiments/benchmarks/gpu_check.sh      # in a device call with timeout_s=600, to reach the candidates
+#   bash experiments/benchmarks/gpu_check.sh --tiny    # any machine: N32 at 32x32, 2 steps, compiled rows through the
 #                                          # aot_eager backend: proves the script runs (1.5 minutes on 2 CPU cores)
 #
 # Steps, in order of value, each under its own time limit, cut to what is left of BUDGET, so that a slow step
@@ -21,8 +21,8 @@
 #   table          the Markdown speed tables (benchmarks/speed_table.py) of the JSON files above, always
 # Exit status: the number of steps that failed or ran out of time.
 set -u
-cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/results}
+cd "$(dirname "$0")/../.."
+out=${OUT:-experiments/benchmarks/results}
 budget=${BUDGET:-480}
 mkdir -p "$out"
 
@@ -65,18 +65,18 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run COMMAND, log it to $out/NAME
 step env 20 bash -c 'nvidia-smi || echo "no nvidia-smi"; lscpu | grep "Model name"
     python -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"'
 step eager 120 \
-    python benchmarks/bench.py $big --mixers window cswin conv pool pvt --compile off --json "$out/T_eager.json"
-step profile_block 40 python benchmarks/profile_block.py $profile --mixer window --out "$out/profile_block.txt"
+    python experiments/benchmarks/bench.py $big --mixers window cswin conv pool pvt --compile off --json "$out/T_eager.json"
+step profile_block 40 python experiments/benchmarks/profile_block.py $profile --mixer window --out "$out/profile_block.txt"
 step profile_model 40 \
-    python benchmarks/profile_block.py $profile --mixer window --scope model --out "$out/profile_model.txt"
+    python experiments/benchmarks/profile_block.py $profile --mixer window --scope model --out "$out/profile_model.txt"
 step block 200 \
-    python benchmarks/bench.py $big --mixers window --compile block $compiled --json "$out/T_window_block.json"
+    python experiments/benchmarks/bench.py $big --mixers window --compile block $compiled --json "$out/T_window_block.json"
 step t32 150 \
-    python benchmarks/bench.py $small --mixers window --compile off block $compiled --json "$out/T32_window.json"
-step candidates 60 python benchmarks/candidates.py $candidates
+    python experiments/benchmarks/bench.py $small --mixers window --compile off block $compiled --json "$out/T32_window.json"
+step candidates 60 python experiments/benchmarks/candidates.py $candidates
 step candidates_compiled 150 \
-    python benchmarks/candidates.py $candidates --compile --only $compiled_candidates
-python benchmarks/speed_table.py "$out"/*.json > "$out/speed_tables.md" || failed=$((failed + 1))
+    python experiments/benchmarks/candidates.py $candidates --compile --only $compiled_candidates
+python experiments/benchmarks/speed_table.py "$out"/*.json > "$out/speed_tables.md" || failed=$((failed + 1))
 cat "$out/speed_tables.md"
 echo "== done in $((SECONDS - start))s, $failed step(s) failed; results in $out"
 exit "$failed"

@@ -1,9 +1,9 @@
 """Where the time of one UniNeXt block (or the whole network) goes, and whether its convolutions copy.
 
-    python benchmarks/profile_block.py                        # UniNeXt-T window, first block of stage 1 at 224,
+    python experiments/benchmarks/profile_block.py                        # UniNeXt-T window, first block of stage 1 at 224,
                                                               # batch 2, CPU, fp32: a few seconds on 2 cores
-    python benchmarks/profile_block.py --device cuda --batch 128 --out window_block.txt   # GPU, bf16 autocast
-    python benchmarks/profile_block.py --scope model --device cuda --batch 128
+    python experiments/benchmarks/profile_block.py --device cuda --batch 128 --out window_block.txt   # GPU, bf16 autocast
+    python experiments/benchmarks/profile_block.py --scope model --device cuda --batch 128
 
 What runs: `--steps` training passes of the first block of stage `--stage`, on the (B, H, W, C) map that the
 stem and the earlier stages really produce from random images, after `--warmup` untimed passes: forward, then
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import uninext  # noqa: E402
 
 COPY_OPS = ("aten::copy_", "aten::contiguous", "aten::clone")

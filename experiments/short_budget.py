@@ -3,8 +3,8 @@ Accuracy against training cost on one CPU core: UniNeXt (window and conv mixers,
 that every number should be read against, a linear classifier on the pixels and a small CNN, all trained by
 `train_minimal.py` with the same data, augmentation, test set and recipe, each for a few training lengths.
 
-    OMP_NUM_THREADS=1 python short_budget.py --jobs 2     # Fashion-MNIST, all 60,000 images; hours on 2 cores
-    python short_budget.py --tiny                         # seconds: synthetic data, the same code
+    OMP_NUM_THREADS=1 python experiments/short_budget.py --jobs 2     # Fashion-MNIST, all 60,000 images; hours on 2 cores
+    python experiments/short_budget.py --tiny                         # seconds: synthetic data, the same code
 
 The cost of a run is the CPU time its process spent training (`cpu_seconds` in its summary.json): with one
 thread it is about what one idle core would take, and other jobs on the machine inflate it far less than
@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shlex
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -32,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # uninext.py and train_minimal.py
 import train_minimal
 
 # What each model is, as train_minimal options.
@@ -63,7 +65,7 @@ def build_parser():
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="LABEL",
                    help=f"which of {', '.join(MODELS)} (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default="results", help="where the CSV, figure and table go (default: %(default)s)")
+    p.add_argument("--results", default="experiments/results", help="where the CSV, figure and table go (default: %(default)s)")
     p.add_argument("--runs", default="runs/short_budget", help="where each run's folder goes (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, each in its own process with one thread (default: %(default)s)")

@@ -5,11 +5,11 @@ same way. UniNeXt claims that its architecture (1) lifts every mixer, (2) narrow
 (3) changes their ranking. This script trains the grid and answers each claim with an interval over the
 seeds and one of three verdicts: holds, does not hold, or cannot tell at this scale.
 
-    OMP_NUM_THREADS=1 python compare_mixers.py --jobs 2            # Fashion-MNIST, all 60,000 images, N32
-    OMP_NUM_THREADS=1 python compare_mixers.py --ablation --jobs 2 # window: vanilla + one ingredient at a time
-    python compare_mixers.py --dataset cifar100 --size T32 --epochs 100 --device cuda   # with a GPU
-    python compare_mixers.py --report-only                          # the table and figure of what has run
-    python compare_mixers.py --tiny                                 # seconds: synthetic data, the same code
+    OMP_NUM_THREADS=1 python experiments/compare_mixers.py --jobs 2            # Fashion-MNIST, all 60,000 images, N32
+    OMP_NUM_THREADS=1 python experiments/compare_mixers.py --ablation --jobs 2 # window: vanilla + one ingredient at a time
+    python experiments/compare_mixers.py --dataset cifar100 --size T32 --epochs 100 --device cuda   # with a GPU
+    python experiments/compare_mixers.py --report-only                          # the table and figure of what has run
+    python experiments/compare_mixers.py --tiny                                 # seconds: synthetic data, the same code
 
 Two views of the same question. Equal epochs: both architectures see the same images the same number of
 times. Equal CPU time: UniNeXt costs about twice vanilla's CPU time per image at N32, so vanilla is also
@@ -52,6 +52,7 @@ from matplotlib.transforms import Bbox
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # uninext.py and train_minimal.py
 import train_helpers
 import train_minimal
 import uninext
@@ -95,7 +96,7 @@ def build_parser():
     p.add_argument("--ablation", action="store_true",
                    help="instead of every mixer x both architectures: the window mixer, vanilla plus one "
                         "UniNeXt ingredient at a time, and all four")
-    p.add_argument("--results", help="where the CSV, plot, summary and log go (default: results; with --tiny, "
+    p.add_argument("--results", help="where the CSV, plot, summary and log go (default: experiments/results; with --tiny, "
                                      "the --runs folder)")
     p.add_argument("--runs", default="runs/compare", help="where each run's folder goes (default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -115,7 +116,7 @@ def parse(argv):
     if args.tiny:
         args.dataset, args.train_size, args.epochs, args.seeds = "synthetic", 256, 1, [0]
         args.results = args.results or str(Path(args.runs) / "results")
-    args.results = args.results or "results"
+    args.results = args.results or "experiments/results"
     taken = sorted({a.split("=")[0] for a in recipe if a.split("=")[0] in SWEEP_OPTIONS})
     identical = args.mixers and "swin" in args.mixers and not swin_shifts(args.size)
     problems = [message for bad, message in [
@@ -650,7 +651,7 @@ def main(argv=None):
         if args.report_only:
             print(report())
             return
-        log(f"sweep: python compare_mixers.py {shlex.join(argv)}")
+        log(f"sweep: python experiments/compare_mixers.py {shlex.join(argv)}")
         plan = {run["key"] for run in planned_runs(args, recipe, rows)}  # a run may serve both views: count it once
         todo = plan - {r["key"] for r in rows}
         log(f"{len(plan) - len(todo)} of {len(plan)} planned runs done before, {len(todo)} to go, {args.jobs} at a "

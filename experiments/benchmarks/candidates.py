@@ -2,9 +2,9 @@
 is, on the block that the profiles (profile_block.py) point at. The evidence behind benchmarks/NOTES.md's
 proposals: once a candidate is adopted in uninext.py, its entry here goes.
 
-    python benchmarks/candidates.py                  # all candidates, UniNeXt-T blocks at 224, batch 4, CPU
-    python benchmarks/candidates.py --only cswin_unbind --batch 8
-    python benchmarks/candidates.py --device cuda --batch 128      # on a GPU, bf16 autocast
+    python experiments/benchmarks/candidates.py                  # all candidates, UniNeXt-T blocks at 224, batch 4, CPU
+    python experiments/benchmarks/candidates.py --only cswin_unbind --batch 8
+    python experiments/benchmarks/candidates.py --device cuda --batch 128      # on a GPU, bf16 autocast
 
 Each candidate swaps one forward (or one parameter layout) in a deep copy of a real block, checks on the CPU
 that the output and every gradient equal the original's (float32, batch 2, tolerance 1e-4), then times forward
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import uninext  # noqa: E402
 
 

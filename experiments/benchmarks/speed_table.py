@@ -1,6 +1,6 @@
 """The README's speed tables, in Markdown, from the JSON files that bench.py writes.
 
-    python benchmarks/speed_table.py results/T_eager.json results/T_window_block.json
+    python experiments/benchmarks/speed_table.py results/T_eager.json results/T_window_block.json
 
 Rows measured at the anchors' setting (UniNeXt-T at 224x224, training batch 128, inference batch 256, on a
 GPU) are set beside the anchors: the authors' code (github.com/jianlong-yuan/UniNeXt, commit 413ff717f322)

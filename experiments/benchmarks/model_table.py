@@ -1,7 +1,7 @@
 """Parameters and GMACs of every mixer x size x architecture, as a Markdown table (README's model table).
 
-    python benchmarks/model_table.py                 # all presets, ~2 minutes on 2 CPU cores
-    python benchmarks/model_table.py --sizes T T32
+    python experiments/benchmarks/model_table.py                 # all presets, ~2 minutes on 2 CPU cores
+    python experiments/benchmarks/model_table.py --sizes T T32
 
 GMACs are FlopCounterMode's total / 2 for one image at the preset's own size (224x224 for T/S/B, 32x32 for
 T32/N32), 1000 classes at 224 and 100 at 32, counted on the manual attention path so that the two attention
@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import uninext  # noqa: E402
 
 
