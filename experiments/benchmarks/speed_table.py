@@ -1,28 +1,21 @@
-"""The README's speed tables, in Markdown, from the JSON files that bench.py writes.
+"""The Markdown speed tables, from the JSON files that bench.py writes.
 
-    python experiments/benchmarks/speed_table.py results/T_eager.json results/T_window_block.json
+    cd experiments/benchmarks && python speed_table.py results/T_eager.json results/T_window_block.json
 
-Rows measured at the anchors' setting (UniNeXt-T at 224x224, training batch 128, inference batch 256, on a
-GPU) are set beside the anchors: the authors' code (github.com/jianlong-yuan/UniNeXt, commit 413ff717f322)
-and timm, measured on one NVIDIA H200 with PyTorch 2.11 and bf16 autocast on 2026-11-26: compare only when
-the device line above the table says H200 too. Rows at 32x32 get the time
-of one 50,000-image epoch (CIFAR's training set) at the measured training rate.
+Rows measured at the anchors' setting (UniNeXt-T at 224x224, training batch 128, inference batch 256, bf16
+autocast) are set beside the anchors of `anchors.json`: the authors' code (github.com/jianlong-yuan/UniNeXt,
+commit 413ff717f322) on one NVIDIA H200 with PyTorch 2.11, figures quoted from one run whose log is not in
+this repository (the file says so). Compare only when the device line above the table says H200 too. Rows
+at 32x32 get the time of one 50,000-image epoch (CIFAR's training set) at the measured training rate.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-# The anchors, the authors' released code (commit 413ff717f322) on one H200:
-# (train img/s, infer img/s, peak GiB in training).
-AUTHORS = {
-    ("window", "off"): (671, 1923, 17.9),
-    ("window", "compiled"): (1313, 4562, 12.3),
-    ("cswin", "off"): (597, 1830, 18.2),
-    ("conv", "off"): (633, 1912, 16.1),
-    ("pool", "off"): (714, 2015, 16.4),
-    ("pvt", "off"): (673, 1924, 19.0),
-}
+ANCHORS = json.loads(Path(__file__).with_name("anchors.json").read_text())
+# The authors' rows by (mixer, "eager" or "compiled"): the ones this repository's rows are set beside.
+AUTHORS = {(row["mixer"], row["mode"]): row for row in ANCHORS["rows"] if row["code"] == "authors"}
 MODE_NAMES = {"off": "eager", "block": "compiled per block", "model": "compiled whole"}
 
 
@@ -59,9 +52,9 @@ def markdown(result):
                  num(row["infer_img_s"], ",.0f"), num(row.get("train_peak_gib"), ".1f"),
                  num(row["train_compile_s"], ".0f") if row["compile"] != "off" else "-", num(row.get("mfu"), ".1%")]
         if anchors:
-            authors = AUTHORS.get((row["mixer"], "off" if row["compile"] == "off" else "compiled"))
-            cells += [f"{authors[0]:,} / {authors[1]:,}", f"{row['train_img_s'] / authors[0]:.2f}x"] if authors \
-                else ["-", "-"]
+            authors = AUTHORS.get((row["mixer"], "eager" if row["compile"] == "off" else "compiled"))
+            cells += [f"{authors['train_img_s']:,} / {authors['infer_img_s']:,}",
+                      f"{row['train_img_s'] / authors['train_img_s']:.2f}x"] if authors else ["-", "-"]
         if small:
             cells.append(f"{50_000 / row['train_img_s']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
