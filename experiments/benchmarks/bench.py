@@ -1,8 +1,8 @@
-"""Training and inference speed of UniNeXt for every mixer, eager and compiled: the numbers behind the
-README's speed table, at the setting of its anchors (the authors' code and timm on one NVIDIA H200).
+"""Training and inference speed of UniNeXt for every mixer, eager and compiled, at the setting of the anchors
+in anchors.json (the authors' code and timm on one NVIDIA H200) or at any other.
 
-    python experiments/benchmarks/bench.py --quick                                  # CPU smoke run, under a minute
-    python experiments/benchmarks/bench.py --size T --mixers window cswin conv pool pvt   # the anchors' eager rows (GPU)
+    python experiments/benchmarks/bench.py --quick                                 # CPU smoke run, under a minute
+    python experiments/benchmarks/bench.py --size T --mixers window cswin conv pool pvt  # the anchors' eager rows
     python experiments/benchmarks/bench.py --size T --mixers window --compile off block --json t_window.json
     python experiments/benchmarks/bench.py --size T32 --arch uninext vanilla --batch 32 --device cpu
 
@@ -26,7 +26,7 @@ that the model's first permute to (B, H, W, C) is free) and random labels (1000 
                   formula includes the recomputation of the scores, one more matmul than autograd's); on the
                   CPU, where it gives SDPA 0 FLOPs, it is counted on the manual path (`record_attention`).
     MFU           GFLOP/img x train img/s / peak matmul rate: 790 TFLOP/s, the bf16 dense matmul rate
-                  measured on the H100 and H200 here (--peak-tflops). GPU only.
+                  measured on H100 and H200 cards (anchors.json; --peak-tflops for another card). GPU only.
     img/CPU-s     CPU only, in the JSON: batch / median process CPU time of a step (all threads together).
                   With --threads 1 it is what one idle core would do, whatever else the machine runs; where
                   it is well above img/s, other jobs took the core away during the measurement.
@@ -35,8 +35,8 @@ Timing: every step of the warm-up is synchronised and wall-clocked. The timed st
 CUDA events read after one synchronisation at the end (so timing does not drain the launch queue between
 steps); on the CPU each step is wall-clocked. Precision: bf16 autocast on a GPU (with TF32 for what stays in
 fp32, and cudnn.benchmark, since the shapes never change), fp32 on the CPU. AdamW is the fused kernel. On a
-CPU that other jobs share, pass --threads 1: OpenMP threads that wait for a core another process holds made
-steps here up to 50 times slower (7 s instead of 0.1 s); the JSON keeps the load average before and after.
+CPU that other jobs share, pass --threads 1: OpenMP threads that wait for a core another process holds can
+make a step many times slower (NOTES.md, hazard 3); the JSON keeps the load average before and after.
 
 Compile modes: `off` is eager; `block` is regional compilation, each `uninext.Block` compiled on its own with
 `Module.compile(fullgraph=True, dynamic=False)`: one graph per distinct block (stage shape, shift, train or
@@ -96,7 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (and so MFU)")
     parser.add_argument("--peak-tflops", type=float, default=790.0,
-                        help="the card's bf16 matmul rate, for MFU (default: 790, H100/H200 as measured here)")
+                        help="the card's bf16 matmul rate, for MFU (default: 790, measured on H100 and H200 cards)")
     parser.add_argument("--json", type=Path, help="write the rows and how they were produced here")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + " unless given")

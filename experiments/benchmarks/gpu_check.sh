@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU speed checks in one call of at most BUDGET seconds (default 480): the rows that UniNeXt-T can be
-# compared with at the anchors' setting (the authors' code and timm on one H200, see README), profiles of its window block and of the whole network, the
-# T32 epoch time, and the candidate changes of benchmarks/NOTES.md. Run from anywhere:
+# compared with at the anchors' setting (the authors' code and timm on one H200, anchors.json), profiles of
+# its window block and of the whole network, the T32 epoch time, and the candidate changes of NOTES.md.
+# Run from anywhere:
 #
-#   bash experiments/benchmarks/gpu_check.sh           # on the GPU machine; everything lands in $OUT (or experiments/benchmarks/results)
-#   BUDGET=540 bash experiments/benchmarks/gpu_check.sh      # in a device call with timeout_s=600, to reach the candidates
-#   bash experiments/benchmarks/gpu_check.sh --tiny    # any machine: N32 at 32x32, 2 steps, compiled rows through the
-#                                          # aot_eager backend: proves the script runs (1.5 minutes on 2 CPU cores)
+#   bash experiments/benchmarks/gpu_check.sh             # on a GPU; results in experiments/benchmarks/results
+#   OUT=DIR bash experiments/benchmarks/gpu_check.sh     # the same, results in DIR
+#   BUDGET=540 bash experiments/benchmarks/gpu_check.sh  # 9 minutes instead of 8: enough to reach the candidates
+#   bash experiments/benchmarks/gpu_check.sh --tiny      # any machine: N32 at 32x32, 2 steps, compiled rows through
+#                                                        # the aot_eager backend: proves the script runs (1.5-2
+#                                                        # minutes on 2 CPU cores)
 #
 # Steps, in order of value, each under its own time limit, cut to what is left of BUDGET, so that a slow step
 # costs only itself and every finished step's JSON and log are kept:
@@ -16,9 +19,9 @@
 #   profile_model  torch.profiler of the whole window network, training, batch 128
 #   block          T window compiled per block: cold compile time, training and inference
 #   t32            T32 window at 32x32, batch 512, eager and compiled per block: the 50,000-image epoch
-#   candidates     benchmarks/candidates.py: the proposed uninext.py changes, timed eager on stage-1 blocks
+#   candidates     candidates.py: the proposed uninext.py changes, timed eager on stage-1 blocks
 #   candidates_compiled   the same for the ones meant for compiled runs
-#   table          the Markdown speed tables (benchmarks/speed_table.py) of the JSON files above, always
+#   table          the Markdown speed tables (speed_table.py) of the JSON files above, always
 # Exit status: the number of steps that failed or ran out of time.
 set -u
 cd "$(dirname "$0")/../.."

@@ -1,7 +1,8 @@
-"""Parameters and GMACs of every mixer x size x architecture, as a Markdown table (README's model table).
+"""Parameters and GMACs of every mixer x size x architecture, as a Markdown table (the model table of
+experiments/README.md).
 
-    python experiments/benchmarks/model_table.py                 # all presets, ~2 minutes on 2 CPU cores
-    python experiments/benchmarks/model_table.py --sizes T T32
+    python experiments/benchmarks/model_table.py                # all presets: 86 CPU-seconds on one thread
+    python experiments/benchmarks/model_table.py --sizes T T32     # (2-core AMD EPYC, PyTorch 2.14.1, 2026-12-02)
 
 GMACs are FlopCounterMode's total / 2 for one image at the preset's own size (224x224 for T/S/B, 32x32 for
 T32/N32), 1000 classes at 224 and 100 at 32, counted on the manual attention path so that the two attention

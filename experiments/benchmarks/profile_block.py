@@ -1,8 +1,8 @@
 """Where the time of one UniNeXt block (or the whole network) goes, and whether its convolutions copy.
 
-    python experiments/benchmarks/profile_block.py                        # UniNeXt-T window, first block of stage 1 at 224,
+    python experiments/benchmarks/profile_block.py            # UniNeXt-T window, first block of stage 1 at 224,
                                                               # batch 2, CPU, fp32: a few seconds on 2 cores
-    python experiments/benchmarks/profile_block.py --device cuda --batch 128 --out window_block.txt   # GPU, bf16 autocast
+    python experiments/benchmarks/profile_block.py --device cuda --batch 128 --out window_block.txt  # bf16 autocast
     python experiments/benchmarks/profile_block.py --scope model --device cuda --batch 128
 
 What runs: `--steps` training passes of the first block of stage `--stage`, on the (B, H, W, C) map that the
