@@ -12,8 +12,9 @@ seeds and one of three verdicts: holds, does not hold, or cannot tell at this sc
     python experiments/compare_mixers.py --tiny                                 # seconds: synthetic data, the same code
 
 Two views of the same question. Equal epochs: both architectures see the same images the same number of
-times. Equal CPU time: UniNeXt costs about twice vanilla's CPU time per image at N32, so vanilla is also
-trained for the epochs that cost what UniNeXt's run cost (measured on the first seed, then the same for all).
+times. Equal CPU time: UniNeXt costs 1.4 to 1.7 times vanilla's CPU time per image at N32 (measured on
+Fashion-MNIST, results/mixer_comparison.csv), so vanilla is also trained for the epochs that cost what
+UniNeXt's run cost (measured on the first seed, then the same for all).
 
 "Vanilla" is one shared skeleton with the four UniNeXt ingredients off: a 4x4 patch stem (2x2 at the 32x32
 presets), 3x3 stride-2 downsampling, a projection after every mixer and each mixer's original position

@@ -8,7 +8,8 @@ that every number should be read against, a linear classifier on the pixels and 
 
 The cost of a run is the CPU time its process spent training (`cpu_seconds` in its summary.json): with one
 thread it is about what one idle core would take, and other jobs on the machine inflate it far less than
-wall time (by up to a quarter here, through contended caches). The lengths are chosen (in epochs) so that
+wall time (the same model's CPU time per epoch varied by up to a quarter between the runs of
+results/short_budget.csv, through contended caches). The lengths are chosen (in epochs) so that
 the runs land near 5, 10, 20 and 60 CPU-minutes; each run's own measured cost is what the figure shows.
 
 Each run is `train_minimal.train(...)` in its own folder under --runs. A finished run (summary.json) is read,
@@ -43,9 +44,9 @@ MODELS = {
     "CNN (0.14M)": ["--model", "cnn"],
     "linear": ["--model", "linear"],
 }
-# Epochs for about 10, 5, 60 and 20 CPU-minutes on one core of the machine these numbers come from (measured
-# there: an epoch of UniNeXt-N32 costs 5-7 CPU-minutes with window, 5-6 with conv, depending on what else
-# runs, the CNN 2.5-2.8, the linear classifier seconds), in order of value, so that a sweep cut short has
+# Epochs for about 10, 5, 60 and 20 CPU-minutes on one core of the machine of results/short_budget.csv (an
+# epoch of UniNeXt-N32 cost 5.6-6.7 CPU-minutes there with window, 5.1-6.3 with conv, depending on what else
+# ran, the CNN 2.5-2.8, the linear classifier seconds), in order of value, so that a sweep cut short has
 # the most useful runs; the CNN's longest run comes last.
 EPOCHS = {
     "UniNeXt-N32 window": [2, 1, 9, 3],
