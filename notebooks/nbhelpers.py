@@ -561,28 +561,34 @@ def plot_attention_distance(distances, uniform, title):
 
 def plot_erfs(fields, rows, columns, notes, title, tokens):
     """Effective receptive fields: `fields[row, column]` an (H, W) map of |gradient| over the input pixels,
-    each drawn over its own largest value on ONE log colour scale for the whole figure (1e-3 to 1; darker
-    than the scale's bottom is black) and white where the gradient is exactly zero: outside the receptive
-    field. Rows are architectures, labelled in their colours; `notes[row, column]` goes under the column's
-    title. `tokens[column]` is (top, left, side) in pixels of the feature's token, outlined in sky blue."""
+    each drawn over its own largest value on ONE log colour scale for the whole figure (1e-4 to 1, viridis:
+    the weakest gradients are dark blue-violet, smaller ones take the scale's bottom colour) and white where
+    the gradient is exactly zero: outside the receptive field. A map whose low end is not black keeps a weak
+    but non-zero pixel visibly apart from a zero one. Rows are architectures, labelled in their colours;
+    `notes[row, column]` goes under the column's title. `tokens[column]` is (top, left, side) in pixels of
+    the feature's token, outlined in vermillion."""
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.75 * len(columns) + 1.4, 2.15 * len(rows)),
                              squeeze=False, layout="constrained")
-    cmap = plt.get_cmap("magma").copy()
+    cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("white")
-    cmap.set_under("black")
-    norm = LogNorm(1e-3, 1)
+    cmap.set_under(cmap(0.0))
+    norm = LogNorm(1e-4, 1)
     for r, arch in enumerate(rows):
         for c, column in enumerate(columns):
             g, ax = fields[arch, column], axes[r, c]
             ax.imshow(np.ma.masked_equal(g / g.max(), 0), cmap=cmap, norm=norm, interpolation="nearest")
             top, left, side = tokens[column]
-            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, ec="#56B4E9", lw=1.2))
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, ec=QUERY_COLOUR, lw=1.2))
             ax.set_title(f"{column}\n{notes[arch, column]}", fontsize=8)
             frame(ax)
             if c == 0:
                 ax.set_ylabel(arch, color=ARCH_COLOUR[arch], fontsize=11, weight="bold")
     fig.colorbar(ScalarMappable(norm, cmap), ax=axes, shrink=0.7, extend="min",
                  label="|gradient| / largest in its panel\n(log scale; white: exactly 0)")
+    fig.legend(handles=[Patch(fc="white", ec="#BBBBBB", label="exactly 0: outside the receptive field"),
+                        Patch(fc=cmap(0.0), label="below 1e-4 of the panel's largest, not 0"),
+                        Patch(fill=False, ec=QUERY_COLOUR, label="the feature's own token")],
+               loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return fig
 
