@@ -30,11 +30,19 @@ INGREDIENT_LABEL = {"conv_stem": "conv stem", "ec": "EC (Embedded Conv.)", "hdc"
 SHARED = "#555555"  # what both architectures have
 
 
-def show_source(obj, only=None):
+def show_source(obj, only=None, through=None):
     """Print the source of `obj` (a class or function of uninext.py) with its line numbers in the file, read
-    by `inspect` from the file itself; with `only`, just the lines that contain that text."""
+    by `inspect` from the file itself; with `only`, just the lines that contain that text; with `through`
+    too, from the first line that contains `only` to the first line from there on that contains `through`
+    (a statement that spans several lines, shown whole)."""
     lines, start = inspect.getsourcelines(obj)
-    numbered = [(start + i, line.rstrip()) for i, line in enumerate(lines) if only is None or only in line]
+    numbered = [(start + i, line.rstrip()) for i, line in enumerate(lines)]
+    if through is not None:
+        first = next(i for i, (_, line) in enumerate(numbered) if only in line)
+        last = next(i for i, (_, line) in enumerate(numbered) if i >= first and through in line)
+        numbered = numbered[first:last + 1]
+    elif only is not None:
+        numbered = [(number, line) for number, line in numbered if only in line]
     print(f"# {Path(inspect.getsourcefile(obj)).name}, {obj.__qualname__}")
     for number, line in numbered:
         print(f"{number:4d}  {line}")
@@ -135,8 +143,8 @@ def block_diagram(size="T"):
     _arrow(blk, [(xm, 0.935), (xr, 0.935), (xr, ys["res1"]), (xm - 0.016, ys["res1"])])
     _arrow(blk, [(xm, 0.515), (xr, 0.515), (xr, ys["res2"]), (xm - 0.016, ys["res2"])])
     # The three ingredients inside and after the block, each a residual branch of its own.
-    _box(blk, xs, ys["mixer"], "EC: depthwise 3x3 conv\non v (attention mixers)\nor on the mixer's input",
-         blue, w=ws, h=0.09)
+    _box(blk, xs, ys["mixer"], "EC: depthwise 3x3 conv on V\n(window, swin, cswin, global);\n"
+                               "on the mixer's input (pool,\nconv, pvt, identity)", blue, w=ws, h=0.1, size=7.5)
     _arrow(blk, [(xm, 0.845), (xs, 0.845), (xs, 0.838)], blue)
     _arrow(blk, [(xs, 0.732), (xs, ys["ec_add"]), (xm + 0.016, ys["ec_add"])], blue)
     blk.text(xs, 0.67, "vanilla: the mixer's own position\nencoding instead (Swin's relative bias;\n"
@@ -304,10 +312,57 @@ def plot_rf_counts(rf, mixers, variants, grid):
     ax.set_ylim(0, 1.4 * grid * grid)  # room for the legend above the bars
     ax.set_xticks(pos, mixers)
     ax.set(xlabel="spatial token mixer", ylabel="input positions reaching the query",
-           title="Receptive field size of one block: each UniNeXt ingredient widens the local mixers")
+           title="Receptive field of one block: how many input positions reach the query")
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     return fig
+
+
+def check_ingredient(candidate, slot, dim=32, grid=16, query=(7, 7)):
+    """Check a home-made UniNeXt ingredient against uninext.py's, inside a `Block` with the identity mixer
+    (so that nothing else mixes positions): `slot` "pc" puts `candidate(dim)` where `Block.pc` sits,
+    "hdc" puts `candidate(4 * dim)` where `ICMLP.hdc` sits. Four checks, each printed, each an
+    AssertionError when it fails: the candidate keeps the shape of its map; it has as many parameters; the
+    block's output is the same once the candidate holds the reference's weights (copied in order, shape by
+    shape); the same receptive field at `query`, found by autograd, against the block without it."""
+    def block(on):
+        torch.manual_seed(0)
+        mixer = uninext.Identity(dim, 2, 0, index=0, ec=False, pos=False)
+        made = uninext.Block(dim, mixer, mlp_ratio=4, hdc=on and slot == "hdc", pc=on and slot == "pc",
+                             drop_path=0.0)
+        made.apply(uninext.UniNeXt._init_weights)
+        return made.eval()
+
+    def reach(module):
+        x = torch.randn(2, grid, grid, dim, requires_grad=True)  # (B, H, W, C)
+        module(x)[:, query[0], query[1]].sum().backward()
+        return int((x.grad.abs().sum(dim=(0, 3)) > 0).sum())
+
+    width = dim if slot == "pc" else 4 * dim  # HdC works in the MLP's hidden layer
+    reference, mine = block(True), block(True)
+    owner = mine if slot == "pc" else mine.mlp
+    setattr(owner, slot, candidate(width))
+    ours, theirs = getattr(reference if slot == "pc" else reference.mlp, slot), getattr(owner, slot)
+    with torch.no_grad():
+        shape = tuple(theirs(torch.randn(2, grid, grid, width)).shape)  # (B, H, W, width)
+    assert shape == (2, grid, grid, width), f"it turns a {(2, grid, grid, width)} map into {shape}"
+    print(f"runs: {(2, grid, grid, width)} -> {shape}")
+    n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
+    assert n_theirs == n_ours, f"{n_theirs:,} parameters; uninext.py's {slot} has {n_ours:,}"
+    print(f"parameters: {n_theirs:,}, as uninext.py's {slot} ({type(ours).__name__})")
+    shapes = [tuple(p.shape) for p in theirs.parameters()], [tuple(p.shape) for p in ours.parameters()]
+    assert shapes[0] == shapes[1], f"parameter shapes {shapes[0]}; uninext.py's are {shapes[1]}"
+    x = torch.randn(2, grid, grid, dim)  # (B, H, W, C)
+    with torch.no_grad():
+        for mine_p, ref_p in zip(theirs.parameters(), ours.parameters()):
+            mine_p.copy_(ref_p)
+        gap = float((mine(x) - reference(x)).abs().max())
+    assert gap < 1e-5, f"with uninext.py's weights the block's output differs by up to {gap:.3g}"
+    print(f"output with the same weights: the same (largest difference {gap:.1g})")
+    without, with_ours, with_theirs = reach(block(False)), reach(reference), reach(mine)
+    assert with_theirs == with_ours, f"{with_theirs} positions reach the query; with uninext.py's {with_ours}"
+    print(f"receptive field at {query}: {without} position(s) without it, {with_theirs} with it, as with "
+          f"uninext.py's")
 
 
 # 02_train
