@@ -73,7 +73,8 @@ def write_rows(path, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default="experiments/results", help="where live_experiment.csv goes (default: %(default)s)")
+    p.add_argument("--results", default="experiments/results",
+                   help="where live_experiment.csv goes (default: %(default)s)")
     p.add_argument("--runs", default="runs/live_experiment", help="where each run's folder goes (default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="seconds: synthetic data, 128 images, 1 epoch, seed 0")
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@ numbers rather than matplotlib plumbing. Each section belongs to one notebook; n
 the model computes."""
 
 import inspect
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -46,6 +47,35 @@ def show_source(obj, only=None, through=None):
     print(f"# {Path(inspect.getsourcefile(obj)).name}, {obj.__qualname__}")
     for number, line in numbered:
         print(f"{number:4d}  {line}")
+    print()
+
+
+def show_block(module, opening, notes):
+    """Print the block of `module`'s source that opens with the first line containing `opening` (through its
+    last indented line), with its line numbers in the file, and under each line that contains a key of
+    `notes` that note: a reading of the code beside the code. A note whose text is no longer in the block
+    raises, so the reading cannot drift from the code it reads."""
+    lines, _ = inspect.getsourcelines(module)
+    first = next(i for i, line in enumerate(lines) if opening in line)
+    indent = len(lines[first]) - len(lines[first].lstrip())
+    last = first + 1
+    while last < len(lines) and (not lines[last].strip() or len(lines[last]) - len(lines[last].lstrip()) > indent):
+        last += 1
+    block = [line.rstrip()[indent:] for line in lines[first:last]]
+    while not block[-1]:
+        block.pop()
+    missing = [key for key in notes if not any(key in line for line in block)]
+    if missing:
+        raise ValueError(f"{module.__name__} no longer has {missing} in the block that opens with {opening!r}: "
+                         f"the reading of it needs updating")
+    print(f"# {Path(inspect.getsourcefile(module)).name}, lines {first + 1}-{first + len(block)}")
+    unread = dict(notes)
+    for number, line in enumerate(block, start=first + 1):
+        print(f"{number:4d}  {line}")
+        for key in [k for k in unread if k in line]:
+            margin = " " * (6 + len(line) - len(line.lstrip()))
+            for text in textwrap.wrap(unread.pop(key), width=108 - len(margin)):
+                print(f"{margin}# {text}")
     print()
 
 
@@ -368,6 +398,55 @@ def check_ingredient(candidate, slot, dim=32, grid=16, query=(7, 7)):
 # 02_train
 
 
+LIVE_COLOUR = {"vanilla": ARCH_COLOUR["vanilla"], "vanilla + conv stem": INGREDIENT_COLOUR["conv_stem"],
+               "UniNeXt": ARCH_COLOUR["uninext"]}
+
+
+def plot_live_experiment(this_run, seeds, full, budgets):
+    """The live experiment beside what is committed. `this_run` {config: (test top-1, CPU-minutes or None
+    (not on a CPU), budget index)} for the run just made; `seeds` {config: [(top-1, CPU-minutes)]} of the
+    committed seeds at the class budget and `full` {config: [top-1]} of those at the full budget; `budgets`
+    the two budgets' names.
+    Left: accuracy, a dot per committed seed and a bar at their mean, this run a star. Right: what each run
+    cost, in CPU-minutes."""
+    fig, (ax, cost) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    configs = list(seeds)
+    for i, config in enumerate(configs):
+        colour = LIVE_COLOUR[config]
+        for k, (values, marker) in enumerate(((([a for a, _ in seeds[config]]), "o"), (full[config], "s"))):
+            x = i + (k - 0.5) * 0.36
+            ax.scatter([x] * len(values), values, marker=marker, s=28, color=colour if k == 0 else "white",
+                       edgecolors=colour, lw=1.4, zorder=3)
+            if values:
+                ax.plot([x - 0.12, x + 0.12], [np.mean(values)] * 2, color=colour, lw=2.5)
+        if config in this_run:
+            acc, _, budget = this_run[config]
+            ax.scatter(i + (budget - 0.5) * 0.36 + 0.09, acc, marker="*", s=220, color=colour, edgecolors="black",
+                       lw=0.8, zorder=4)
+        runs = [m for _, m in seeds[config]]
+        cost.bar(i - 0.2, np.mean(runs), width=0.38, color=colour, alpha=0.45, ec=colour)
+        cost.scatter([i - 0.2] * len(runs), runs, s=14, color="black", zorder=3)
+        if config in this_run and this_run[config][1] is not None and this_run[config][2] == 0:
+            cost.bar(i + 0.2, this_run[config][1], width=0.38, color=colour, ec="black", hatch="//")
+    ax.set_xticks(range(len(configs)), configs)
+    ax.set(ylabel="test top-1 (%), all 10,000 test images", title="Accuracy: this run beside the committed seeds")
+    ax.grid(axis="y", alpha=0.3)
+    grey = "#555555"
+    ax.legend(handles=[Line2D([], [], ls="", marker="o", color=grey, label=f"committed seed, {budgets[0]}"),
+                       Line2D([], [], ls="", marker="s", mfc="white", color=grey,
+                              label=f"committed seed, {budgets[1]}"),
+                       Line2D([], [], color=grey, lw=2.5, label="mean of the seeds"),
+                       Line2D([], [], ls="", marker="*", ms=13, color=grey, mec="black", label="this run")],
+              fontsize=8, loc="upper left")
+    cost.set_xticks(range(len(configs)), [c.replace(" + ", "\n+ ") for c in configs], fontsize=8)
+    cost.set(ylabel="CPU-minutes (process, one run)", title=f"Cost at {budgets[0]}")
+    cost.set_ylim(top=1.35 * cost.get_ylim()[1])  # room for the legend above the bars
+    cost.legend(handles=[Patch(fc=grey, alpha=0.45, label="committed seeds (mean, dots)"),
+                         Patch(fc="white", ec="black", hatch="//", label="this run")], fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
 def plot_training(steps, epochs, title):
     """Training loss and accuracy every few steps (test accuracy where tested), for each architecture in
     `steps` and `epochs` ({arch: rows of steps.csv / metrics.csv, numbers as floats}), and the learning rate
@@ -428,18 +507,18 @@ def plot_confusion(confusion, classes, colour):
            title="Accuracy per class")
     ax.legend(fontsize=8, loc="lower right")
     ax = axes[1]
-    normalised = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
-    im = ax.imshow(normalised.numpy(), cmap="viridis", vmin=0, vmax=1)
+    percent = 100 * confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    im = ax.imshow(percent.numpy(), cmap="viridis", vmin=0, vmax=100)
     if C <= 20:
         ax.set_xticks(range(C), classes, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(C), classes, fontsize=8)
         for i in range(C):
             for j in range(C):
-                if normalised[i, j] >= 0.01:
-                    ax.text(j, i, f"{100 * normalised[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="black" if normalised[i, j] > 0.5 else "white")
+                if percent[i, j] >= 1:
+                    ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="black" if percent[i, j] > 50 else "white")
     ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (% of each true class)")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="% of the true class")
     fig.tight_layout()
     return fig
 
