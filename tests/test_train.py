@@ -272,6 +272,17 @@ def test_the_defaults_give_a_short_run_on_a_cpu_and_the_long_one_on_a_gpu(monkey
     assert (gpu.size, gpu.epochs, gpu.batch_size, gpu.lr, gpu.crop, gpu.drop_path) == ("T32", 100, 128, 1e-3, 4, 0.1)
 
 
+@pytest.mark.parametrize("cuda, mps, budget", [(False, True, "laptop"), (True, True, "gpu"), (False, False, "laptop")])
+def test_a_macs_gpu_gets_the_laptop_defaults_and_only_cuda_the_long_run(cuda, mps, budget, monkeypatch):
+    # --device auto on a Mac picks MPS: a laptop GPU, for which T32 and 100 epochs would take a day
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert tm.pick_device("auto", 0).type == ("cuda" if cuda else "mps" if mps else "cpu")
+    args = tm.resolve(tm.build_parser().parse_args(["--dataset", "fashion-mnist"]))
+    expected = tm.GPU_DEFAULTS if budget == "gpu" else tm.CPU_DEFAULTS
+    assert {name: getattr(args, name) for name in expected} == expected
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Baselines, trained by the same harness
 
