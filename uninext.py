@@ -2,8 +2,9 @@
 UniNeXt in one file: an improved general architecture for vision backbones, and the token mixers it holds.
 
 UniNeXt (Lin et al., "UniNeXt: Exploring A Unified Architecture for Vision Recognition", ACM MM 2023)
-argues that the *general architecture* around a spatial token mixer matters more than the mixer itself.
-It keeps the four-stage hierarchical layout of Swin/MetaFormer and changes four things around the mixer:
+argues that a well-designed general architecture improves a vision backbone whatever spatial token mixer
+it holds, from pooling to attention, and narrows the gaps between the mixers. It keeps the four-stage
+hierarchical layout of Swin/MetaFormer and changes four things around the mixer:
 
     conv stem  three 3x3 convs with LayerNorm instead of one 4x4 patch embedding
     EC         Embedded Convolution: a depthwise 3x3 conv added to the mixer's output, inside the branch
@@ -11,31 +12,42 @@ It keeps the four-stage hierarchical layout of Swin/MetaFormer and changes four 
                (the MLP with it is the ICMLP, Inner Convolution MLP)
     PC         Post Convolution: a residual depthwise 3x3 conv after every block
 
-and shows that this lifts every mixer, narrows the gaps between them and changes their ranking. To see the
-claim, the same mixer also runs without them: `create_model(..., arch="vanilla")` is one shared Swin-like
-skeleton (patch stem, ingredients off, each attention mixer's original position encoding back), not each
-mixer's original network (CSWin and PoolFormer had overlapping conv stems); ingredients switch one by one.
+To see the claim, the same mixer also runs without them: `create_model(..., arch="vanilla")` is one shared
+Swin-like skeleton (patch stem, ingredients off, each attention mixer's original position encoding back),
+not each mixer's original network (CSWin and PoolFormer had overlapping conv stems); ingredients switch
+one by one.
+
+The file reads in the paper's order: small helpers, then the skeleton that is the paper's contribution
+(stems, downsampling, HdC/ICMLP, the block with EC and PC, the stage), then the mixers it holds, from the
+simplest to attention, with the window, mask and attention helpers beside the attention mixers that use
+them, then the configuration and presets, the model, `create_model` and `load`.
 
 Mixers (`MIXERS`), each a module (B, H, W, C) -> (B, H, W, C):
+    identity  no spatial mixing: only EC, HdC and PC move information between positions
     pool      PoolFormer average pooling (Yu et al. 2022)            released by the UniNeXt authors
     conv      ConvNeXt 7x7 depthwise conv (Liu et al. 2022)          released
     window    attention in non-overlapping windows (Swin, no shift)  released
-    cswin     cross-shaped stripe attention (CSWin, Dong et al. 2022) released
-    pvt       spatial-reduction attention (PVT, Wang et al. 2021)    released
     swin      shifted-window attention (Swin, Liu et al. 2021)
     global    full self-attention (ViT, Dosovitskiy et al. 2021)
-    identity  no spatial mixing: only EC, HdC and PC move information between positions
+    cswin     cross-shaped stripe attention (CSWin, Dong et al. 2022) released
+    pvt       spatial-reduction attention (PVT, Wang et al. 2021)    released
 
 Layout: one (B, H, W, C) tensor ("NHWC") flows through the whole network. LayerNorm and Linear act on its
-last dimension directly; convolutions see `x.permute(0, 3, 1, 2)`, a channels_last NCHW *view* of the same
-memory, so no copy is made around them. All attention runs through `F.scaled_dot_product_attention`, with
-windows and stripes folded into its batch dimension; `record_attention` switches to a readable manual path
-that also returns the attention probabilities.
+last dimension directly; convolutions see `x.permute(0, 3, 1, 2)`, a channels_last NCHW view of the same
+memory (see `Conv` for when that costs a copy). All attention runs through `F.scaled_dot_product_attention`,
+with windows and stripes folded into its batch dimension; `record_attention` switches to a readable manual
+path that also returns the attention probabilities.
+
+Weights: the architecture is exact to the parameter against the authors' release, but no ImageNet weights
+come with this file. What exists are small Fashion-MNIST models in checkpoints/ and whatever
+train_minimal.py trains; `load` rebuilds either. Images have `in_chans` channels (3 by default: set
+`in_chans=1` for grey images), and a loaded model's `pretrained_cfg` holds the mean and std it was trained
+with, per channel on the 0-255 pixel scale (not torchvision's 0-1).
 
     import torch, uninext
     model = uninext.create_model("T", "window")   # UniNeXt-T with local window attention, 23.52M params
     model(torch.randn(1, 3, 224, 224)).shape       # (1, 1000)
-    model = uninext.load("runs/cifar100-conv-uninext")   # a model trained by train_minimal.py, ready to use
+    model = uninext.load("checkpoints/fashion-mnist-window-uninext")   # trained, ready to use
 """
 
 import functools
@@ -49,12 +61,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------
-# Helpers: convolutions on (B, H, W, C) tensors, drop path, windows, one attention function
+# Helpers: convolutions on (B, H, W, C) tensors, drop path
 
 
 class Conv(nn.Conv2d):
-    """`nn.Conv2d` for (B, H, W, C) tensors. The permute gives a channels_last view, which PyTorch's conv
-    kernels take as is and answer in channels_last, so the permute back is a view too: no copies."""
+    """`nn.Conv2d` for (B, H, W, C) tensors. On a contiguous map the permute is a channels_last view, which
+    PyTorch's conv kernels take as is and answer in channels_last, so the permute back is a view too and
+    nothing is copied. A map that is not dense, as the V slice of a `qkv` tensor that EC convolves, is
+    first copied by the conv into a dense channels_last tensor; its answer is a view again."""
 
     def forward(self, x):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H', W', C_out)
@@ -81,437 +95,6 @@ class DropPath(nn.Module):
 
     def extra_repr(self):
         return f"p={self.p}"
-
-
-def window_partition(x, wh, ww):
-    """(B, H, W, C) -> (B, nW, wh*ww, C): cut into wh x ww windows, in raster order. H, W must be multiples
-    of wh, ww. A window of (wh, W) is a horizontal stripe, (H, ww) a vertical one."""
-    B, H, W, C = x.shape
-    x = x.reshape(B, H // wh, wh, W // ww, ww, C)  # (B, nH, wh, nW_w, ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, wh * ww, C)  # (B, nH*nW_w, wh*ww, C)
-
-
-def window_reverse(windows, wh, ww, H, W):
-    """(B, nW, wh*ww, C) -> (B, H, W, C): the inverse of `window_partition`."""
-    B, _, _, C = windows.shape
-    x = windows.reshape(B, H // wh, W // ww, wh, ww, C)  # (B, nH, nW_w, wh, ww, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
-
-
-def pad_to_multiple(x, mh, mw):
-    """Zero-pad (B, H, W, C) at the bottom and right so that H, W become multiples of mh, mw."""
-    ph, pw = -x.shape[1] % mh, -x.shape[2] % mw
-    return F.pad(x, (0, 0, 0, pw, 0, ph)) if ph or pw else x  # F.pad pads the last dims first
-
-
-def padding_blocked(H, W, Hp, Wp, wh, ww, shift=(0, 0), device=None):
-    """bool (nW, N, N), True where a real query would see a key that is padding (the map was padded from
-    H x W to Hp x Wp, then rolled by -shift and cut into wh x ww windows); None when nothing was padded.
-    Padded queries may see padded keys, so that no row of the mask is empty."""
-    if (Hp, Wp) == (H, W):
-        return None
-    ids = grid_ids(Hp, Wp, device)
-    padded = torch.roll((ids // Wp >= H) | (ids % Wp >= W), (-shift[0], -shift[1]), (1, 2))
-    padded = window_partition(padded, wh, ww)[0, ..., 0]  # (nW, N)
-    return padded[:, None, :] & ~padded[:, :, None]
-
-
-def cached(function):
-    """`function` with a cache of its results in eager mode; under torch.compile the function itself, which
-    the compiler traces and bakes into its graph (it does not look into caches)."""
-    cache = functools.lru_cache(maxsize=256)(function)
-
-    @functools.wraps(function)
-    def call(*args):
-        return function(*args) if torch.compiler.is_compiling() else cache(*args)
-
-    return call
-
-
-@cached
-def blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device):
-    """bool (nW, N, N), True where a query must not see a key: a padded key (`padding_blocked`), or a key
-    that Swin's roll by -(sh, sw) brought next to the query from the far edge of the map; None when
-    neither. It depends only on the shapes, so it is built once per shape and device, not on every
-    forward."""
-    blocked = padding_blocked(H, W, Hp, Wp, wh, ww, (sh, sw), device)
-    if sh or sw:
-        region = torch.zeros(1, Hp, Wp, 1, device=device)  # which part of the rolled map a token is from
-        for i, rows in enumerate(shift_slices(wh, sh)):
-            for j, cols in enumerate(shift_slices(ww, sw)):
-                region[:, rows, cols] = 3 * i + j
-        region = window_partition(region, wh, ww)[0, ..., 0]  # (nW, N)
-        apart = region[:, :, None] != region[:, None, :]
-        blocked = apart if blocked is None else blocked | apart
-    return blocked
-
-
-def window_mask(blocked, bias, nW, heads, N, dtype, device):
-    """Additive (nW*heads, N, N) mask for `attention_in_windows`: -inf where `blocked` (nW, N, N) is True,
-    plus a (heads, N, N) `bias`; None when there is neither, so that SDPA can take its fastest kernels.
-    Its rows are stored 8-aligned: SDPA's memory-efficient kernel copies a mask on every call otherwise."""
-    if blocked is None and bias is None:
-        return None
-    mask = torch.zeros(nW, heads, N, -(-N // 8) * 8, dtype=dtype, device=device)[..., :N]
-    if blocked is not None:
-        mask.masked_fill_(blocked[:, None], float("-inf"))
-    if bias is not None:
-        mask.add_(bias.to(dtype))  # in place, to keep the aligned rows
-    return mask.reshape(nW * heads, N, N)
-
-
-def attend(q, k, v, mask=None, manual=False):
-    """Scaled dot-product attention over (B, heads, N, d) queries and (B, heads, M, d) keys and values.
-    The fast path is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); the
-    manual path computes the same thing step by step and also returns the (B, heads, N, M) probabilities."""
-    if not manual:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, M)
-    if mask is not None:
-        logits = logits + mask
-    probs = logits.softmax(dim=-1)
-    return probs @ v, probs
-
-
-def attention_in_windows(qkv, wh, ww, mask=None, manual=False):
-    """Self-attention inside each wh x ww window of a (B, Hp, Wp, 3, heads, d) map of queries, keys and
-    values. Windows are folded into SDPA's head dimension, (B, nW*heads, N, d), so that a mask that depends
-    on the window but not on the image, (nW*heads, N, N), broadcasts over the batch without a copy.
-    Returns (B, Hp, Wp, heads*d) and, on the manual path, the (B, nW*heads, N, N) probabilities."""
-    B, Hp, Wp, _, heads, d = qkv.shape
-    windows = window_partition(qkv.reshape(B, Hp, Wp, 3 * heads * d), wh, ww)  # (B, nW, N, 3*heads*d)
-    nW, N = windows.shape[1], windows.shape[2]
-    windows = windows.reshape(B, nW, N, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
-    q, k, v = windows.reshape(3, B, nW * heads, N, d).unbind(0)
-    out, probs = attend(q, k, v, mask, manual)  # (B, nW*heads, N, d)
-    out = out.reshape(B, nW, heads, N, d).transpose(2, 3).reshape(B, nW, N, heads * d)
-    return window_reverse(out, wh, ww, Hp, Wp), probs
-
-
-def dense_attention_maps(probs, token_ids, heads, n_tokens):
-    """Scatter window probabilities (B, nW*heads, N, N) into full maps (B, heads, n, n) over all n tokens
-    of the padded grid. token_ids (nW, N) holds the grid index of each window position, obtained by
-    partitioning a grid of indices exactly as the tokens were partitioned. Zero outside the window."""
-    B = probs.shape[0]
-    nW, N = token_ids.shape
-    probs = probs.reshape(B, nW, heads, N, N).transpose(1, 2)  # (B, heads, nW, N, N)
-    dense = probs.new_zeros(B, heads, n_tokens, n_tokens)
-    dense[:, :, token_ids[:, :, None], token_ids[:, None, :]] = probs
-    return dense
-
-
-def shift_slices(window, shift):
-    """The three regions of one axis of a map rolled by -shift (Swin): tokens that stayed inside the last
-    window, those that moved in from the window before, and those that wrapped around from the start."""
-    if not shift:
-        return (slice(None),)
-    return slice(0, -window), slice(-window, -shift), slice(-shift, None)
-
-
-def grid_ids(Hp, Wp, device):
-    """(1, Hp, Wp, 1) raster index of every position: partitioned like the tokens, it says which token
-    sits where in each window (for padding masks, shift masks and attention maps)."""
-    return torch.arange(Hp * Wp, device=device).reshape(1, Hp, Wp, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Spatial token mixers. Same constructor for all: (dim, num_heads, extent, *, index, ec, pos), where `extent`
-# is the mixer's spatial extent in this stage (pooling kernel, conv kernel, window, stripe width, reduction
-# ratio; 0 means "the whole grid"), `index` the block's position in its stage, `ec` whether to add the
-# Embedded Convolution and `pos` whether to use the position encoding of the mixer's original paper.
-# Class attribute `position` names that encoding: the stage adds an absolute one, the mixer the others.
-
-
-class Pooling(nn.Module):
-    """PoolFormer's token mixer: `AvgPool3x3(x) - x`. The subtraction is there because the block adds x
-    back through its residual; what is left is "my neighbours' mean minus me". No parameters, no position
-    encoding needed (pooling is local). Cost: 9 adds per channel per token. EC runs on the input x."""
-
-    position = None
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__()
-        self.extent = extent
-        self.ec = DWConv(dim) if ec else None
-
-    def forward(self, x):
-        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.extent, 1, self.extent // 2, count_include_pad=False)
-        out = pooled.permute(0, 2, 3, 1) - x  # (B, H, W, C)
-        return out + self.ec(x) if self.ec is not None else out
-
-
-class DepthwiseConv(nn.Module):
-    """ConvNeXt's token mixer: one large (7x7) depthwise conv with bias. Local and position-aware by
-    itself. Cost: 49 MACs per channel per token, 50 parameters per channel. EC runs on the input x."""
-
-    position = None
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__()
-        self.conv = DWConv(dim, extent)
-        self.ec = DWConv(dim) if ec else None
-
-    def forward(self, x):
-        out = self.conv(x)
-        return out + self.ec(x) if self.ec is not None else out
-
-
-class Identity(nn.Module):
-    """No spatial mixing: each token only sees itself. In the vanilla architecture this network cannot
-    relate positions at all before the global pool; in UniNeXt, EC, HdC and PC still do, which makes it the
-    most telling ablation of the general architecture."""
-
-    position = None
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__()
-        self.ec = DWConv(dim) if ec else None
-
-    def forward(self, x):
-        return x + self.ec(x) if self.ec is not None else x
-
-
-class RelativePositionBias(nn.Module):
-    """Swin's learned relative position bias: one scalar per head for each of the (2w-1)^2 offsets between
-    two tokens of a w x w window, added to the attention logits. Windows cut smaller than w (small grids)
-    use the central part of the table."""
-
-    def __init__(self, window, num_heads):
-        super().__init__()
-        self.window = window
-        self.table = nn.Parameter(torch.empty((2 * window - 1) ** 2, num_heads))
-        nn.init.trunc_normal_(self.table, std=0.02)
-        # The full window's index, built once and moved with the module (not saved): no host-to-device
-        # copy on every forward.
-        self.register_buffer("index", self.table_index(window, window), persistent=False)
-
-    def table_index(self, wh, ww):
-        """(N, N) row of the table for each (query, key) pair of a wh x ww window."""
-        coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)
-        offsets = coords[:, :, None] - coords[:, None, :] + self.window - 1  # (2, N, N), in [0, 2w-2]
-        return offsets[0] * (2 * self.window - 1) + offsets[1]
-
-    def forward(self, wh, ww):
-        full = (wh, ww) == (self.window, self.window)
-        index = self.index if full else self.table_index(wh, ww).to(self.table.device)
-        return self.table[index].permute(2, 0, 1)  # (heads, N, N)
-
-
-class AttentionMixer(nn.Module):
-    """What every attention mixer shares: the head layout and the switch to the manual path. `record` is
-    None, or a function that receives this mixer's attention maps (set by `record_attention`)."""
-
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"{type(self).__name__}: {num_heads} heads do not divide {dim} channels")
-        self.num_heads = num_heads
-        self.record = None
-
-
-class WindowAttention(AttentionMixer):
-    """Local window attention (Swin without the shift): tokens attend only within non-overlapping
-    `extent` x `extent` windows, so cost grows linearly with the image. As in the UniNeXt release, q and v have
-    biases and k has none (a k bias adds the same logit to every key of a query and cancels in the softmax).
-
-    In UniNeXt the windows need no position bias: EC, a depthwise conv over the whole map of V, gives
-    position and lets information cross window borders. In the vanilla architecture (`pos`) the mixer gets
-    Swin's relative position bias instead. A map that the window does not divide is zero-padded right and
-    bottom (as the authors do), padded keys are masked so that they change nothing, and the result is
-    cropped back. A window larger than the grid shrinks to it. Cost per token: 4C^2 MACs for qkv and
-    output projection (the latter in the block) plus 2*N*C for the attention over N = extent^2 tokens."""
-
-    position = "relative"
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__(dim, num_heads)
-        self.window = extent
-        self.shift = 0
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.ec = DWConv(dim) if ec else None
-        self.rel_pos = RelativePositionBias(extent, num_heads) if pos and self.position == "relative" else None
-
-    def window_shape(self, H, W):
-        return (min(self.window, H), min(self.window, W)) if self.window else (H, W)
-
-    def forward(self, x):
-        B, H, W, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, H, W, 3C)
-        wh, ww = self.window_shape(H, W)
-        sh, sw = (self.shift if wh < H else 0), (self.shift if ww < W else 0)
-        qkv_p = pad_to_multiple(qkv, wh, ww)  # (B, Hp, Wp, 3C), padded keys are all-zero
-        Hp, Wp = qkv_p.shape[1], qkv_p.shape[2]
-        if sh or sw:  # Swin: roll the map so that the new windows straddle the old window borders
-            qkv_p = torch.roll(qkv_p, shifts=(-sh, -sw), dims=(1, 2))
-
-        mask = self.attention_mask(H, W, Hp, Wp, wh, ww, sh, sw, x.device, qkv.dtype)  # bf16 under autocast
-        out, probs = attention_in_windows(qkv_p.unflatten(-1, (3, self.num_heads, -1)), wh, ww, mask,
-                                          manual=self.record is not None)
-        if sh or sw:
-            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
-        out = out[:, :H, :W]  # (B, H, W, C), crop the padding
-        if self.record is not None:
-            ids = torch.roll(grid_ids(Hp, Wp, x.device), shifts=(-sh, -sw), dims=(1, 2))
-            ids = window_partition(ids, wh, ww)[..., 0][0]  # (nW, N)
-            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
-            self.record(dense_attention_maps(probs, ids, self.num_heads, Hp * Wp)[:, :, real][..., real])
-        if self.ec is not None:
-            out = out + self.ec(qkv[..., 2 * C:])  # EC on V over the whole map
-        return out
-
-    def attention_mask(self, H, W, Hp, Wp, wh, ww, sh, sw, device, dtype):
-        """Additive (nW*heads, N, N) mask, or None when nothing needs one (the usual UniNeXt case): it
-        keeps padded keys away from real queries, keeps tokens that the shift wrapped around apart from
-        their new neighbours (Swin), and carries the relative position bias (vanilla)."""
-        blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device)
-        bias = self.rel_pos(wh, ww) if self.rel_pos is not None else None
-        nW = (Hp // wh) * (Wp // ww)
-        return window_mask(blocked, bias, nW, self.num_heads, wh * ww, dtype, device)
-
-
-class ShiftedWindowAttention(WindowAttention):
-    """Swin's shifted windows: every second block rolls the map by half a window before partitioning, so
-    that information crosses window borders without a conv. The tokens that the roll wraps around from one
-    edge to the other are not neighbours, so a mask keeps them apart. Same parameters as `window`."""
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__(dim, num_heads, extent, index=index, ec=ec, pos=pos)
-        self.shift = extent // 2 if index % 2 else 0
-
-
-class GlobalAttention(WindowAttention):
-    """Full self-attention over all tokens (ViT): a window that covers the whole grid. Cost grows with the
-    square of the number of tokens, which is fine on the small grids of 32x32 images and of late stages.
-    Its original position encoding is ViT's absolute embedding, which the stage adds (`pos`)."""
-
-    position = "absolute"
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__(dim, num_heads, 0, index=index, ec=ec, pos=pos)
-
-
-class CrossShapedWindowAttention(AttentionMixer):
-    """CSWin's cross-shaped window: half of the heads attend within horizontal stripes of `extent` rows, the
-    other half within vertical stripes of `extent` columns, so a token sees a cross through itself at the
-    cost of a window. With extent 0 (the last stage, where one stripe is the whole grid) a single branch with
-    all heads attends globally. qkv has full biases.
-
-    EC is applied to V per stripe, each stripe convolved on its own with zero padding at its borders: this
-    is CSWin's own LePE (locally-enhanced positional encoding), so the vanilla architecture (`pos`) keeps
-    exactly the same conv. Each branch has its own depthwise conv over its half of the channels."""
-
-    position = "lepe"
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__(dim, num_heads)
-        self.stripe = extent
-        self.branches = 1 if extent == 0 else 2
-        self.branch_heads = max(num_heads // self.branches, 1)  # as CSWin: S's 3 heads become 1 + 1 of 48
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.ec = nn.ModuleList(DWConv(dim // self.branches) for _ in range(self.branches)) if ec or pos else None
-
-    def forward(self, x):
-        B, H, W, C = x.shape
-        sh, sw = (min(self.stripe, H), min(self.stripe, W)) if self.stripe else (H, W)
-        qkv = pad_to_multiple(self.qkv(x), sh, sw)  # (B, Hp, Wp, 3C): padded keys are all-zero
-        Hp, Wp = qkv.shape[1], qkv.shape[2]
-        qkv = qkv.unflatten(-1, (3, self.branches, self.branch_heads, -1))  # (B, Hp, Wp, 3, branches, h, d)
-        stripes = [(sh, Wp), (Hp, sw)] if self.branches == 2 else [(Hp, Wp)]  # horizontal, vertical
-        heads = self.branch_heads
-        outs, maps = [], []
-        for b, (wh, ww) in enumerate(stripes):
-            branch = qkv[:, :, :, :, b]  # (B, Hp, Wp, 3, h, d): this branch's half of the channels
-            nW = (Hp // wh) * (Wp // ww)
-            blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, 0, 0, x.device)
-            mask = window_mask(blocked, None, nW, heads, wh * ww, qkv.dtype, x.device)
-            out, probs = attention_in_windows(branch, wh, ww, mask, manual=self.record is not None)
-            if self.ec is not None:  # EC / LePE on V, each stripe convolved as its own little image
-                v = window_partition(branch[:, :, :, 2].flatten(-2), wh, ww)  # (B, nW, wh*ww, c)
-                c = v.shape[-1]
-                v = self.ec[b](v.reshape(B * nW, wh, ww, c)).reshape(B, nW, wh * ww, c)
-                out = out + window_reverse(v, wh, ww, Hp, Wp)
-            outs.append(out)
-            if self.record is not None:
-                ids = window_partition(grid_ids(Hp, Wp, x.device), wh, ww)[0, ..., 0]  # (nW, N)
-                maps.append(dense_attention_maps(probs, ids, heads, Hp * Wp))
-        if self.record is not None:
-            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
-            self.record(torch.cat(maps, dim=1)[:, :, real][..., real])
-        return torch.cat(outs, dim=-1)[:, :H, :W]  # (B, H, W, C)
-
-
-class SpatialReductionAttention(AttentionMixer):
-    """PVT's spatial-reduction attention: queries at full resolution, keys and values from the map shrunk
-    by a strided conv (kernel = stride = `extent`) and a LayerNorm, so every token sees the whole image at
-    1/extent^2 of global attention's cost. Ratio 1 is plain global attention. A map that the ratio does not
-    divide is zero-padded before the reduction. Its V lives on the reduced grid, so EC runs on the input x.
-    Its original position encoding is PVT v1's absolute embedding, which the stage adds (`pos`)."""
-
-    position = "absolute"
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__(dim, num_heads)
-        self.ratio = extent
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        if extent > 1:
-            self.sr = Conv(dim, dim, extent, stride=extent)
-            self.norm = nn.LayerNorm(dim)
-        self.ec = DWConv(dim) if ec else None
-
-    def reduce(self, x):
-        """(B, H, W, C) -> (B, ceil(H/r), ceil(W/r), C): the map that keys and values are computed from."""
-        if self.ratio == 1:
-            return x
-        return self.norm(self.sr(pad_to_multiple(x, self.ratio, self.ratio)))
-
-    def forward(self, x):
-        B, H, W, C = x.shape
-        q = self.q(x).reshape(B, H * W, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
-        kv = self.kv(self.reduce(x)).reshape(B, -1, 2, self.num_heads, C // self.num_heads)  # (B, M, 2, heads, d)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, M, d) each
-        out, probs = attend(q, k, v, manual=self.record is not None)
-        if self.record is not None:
-            self.record(probs)  # (B, heads, H*W, M): keys are the cells of the reduced grid
-        out = out.transpose(1, 2).reshape(B, H, W, C)
-        return out + self.ec(x) if self.ec is not None else out
-
-
-MIXERS = {
-    "pool": Pooling,
-    "conv": DepthwiseConv,
-    "window": WindowAttention,
-    "cswin": CrossShapedWindowAttention,
-    "pvt": SpatialReductionAttention,
-    "swin": ShiftedWindowAttention,
-    "global": GlobalAttention,
-    "identity": Identity,
-}
-
-
-@contextmanager
-def record_attention(model):
-    """Run every attention mixer of `model` through the manual path and collect its probabilities.
-
-        with uninext.record_attention(model) as maps:
-            logits = model(images)
-        maps["stages.0.blocks.1.mixer"]  # (B, heads, H*W, H*W), rows = queries, columns = keys
-
-    Queries and keys are the tokens of the stage's grid in raster order; a window mixer's row is zero
-    outside the query's window, a cswin map holds the horizontal-stripe heads first, and pvt's columns are
-    the cells of its reduced grid. The outputs equal those of the SDPA path (tested)."""
-    maps = {}
-    mixers = {name: m for name, m in model.named_modules() if isinstance(m, AttentionMixer)}
-    for name, mixer in mixers.items():
-        mixer.record = lambda probs, name=name: maps.__setitem__(name, probs.detach())
-    try:
-        yield maps
-    finally:
-        for mixer in mixers.values():
-            mixer.record = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -656,6 +239,450 @@ class Stage(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Spatial token mixers. Same constructor for all: (dim, num_heads, extent, *, index, ec, pos), where `extent`
+# is the mixer's spatial extent in this stage (pooling kernel, conv kernel, window, stripe width, reduction
+# ratio; 0 means "the whole grid"), `index` the block's position in its stage, `ec` whether to add the
+# Embedded Convolution and `pos` whether to use the position encoding of the mixer's original paper.
+# Class attribute `position` names that encoding: the stage adds an absolute one, the mixer the others.
+
+
+class Identity(nn.Module):
+    """No spatial mixing: each token only sees itself. In the vanilla architecture this network cannot
+    relate positions at all before the global pool; in UniNeXt, EC, HdC and PC still do, which makes it the
+    most telling ablation of the general architecture."""
+
+    position = None
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__()
+        self.ec = DWConv(dim) if ec else None
+
+    def forward(self, x):
+        return x + self.ec(x) if self.ec is not None else x
+
+
+class Pooling(nn.Module):
+    """PoolFormer's token mixer: `AvgPool3x3(x) - x`. The subtraction is there because the block adds x
+    back through its residual; what is left is "my neighbours' mean minus me". No parameters, no position
+    encoding needed (pooling is local). Cost: 9 adds per channel per token. EC runs on the input x."""
+
+    position = None
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__()
+        self.extent = extent
+        self.ec = DWConv(dim) if ec else None
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.extent, 1, self.extent // 2, count_include_pad=False)
+        out = pooled.permute(0, 2, 3, 1) - x  # (B, H, W, C)
+        return out + self.ec(x) if self.ec is not None else out
+
+
+class DepthwiseConv(nn.Module):
+    """ConvNeXt's token mixer: one large (7x7) depthwise conv with bias. Local and position-aware by
+    itself. Cost: 49 MACs per channel per token, 50 parameters per channel. EC runs on the input x."""
+
+    position = None
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__()
+        self.conv = DWConv(dim, extent)
+        self.ec = DWConv(dim) if ec else None
+
+    def forward(self, x):
+        out = self.conv(x)
+        return out + self.ec(x) if self.ec is not None else out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention mixers, and the window, mask and attention helpers that only they use
+
+
+def window_partition(x, wh, ww):
+    """(B, H, W, C) -> (B, nW, wh*ww, C): cut into wh x ww windows, in raster order. H, W must be multiples
+    of wh, ww. A window of (wh, W) is a horizontal stripe, (H, ww) a vertical one."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // wh, wh, W // ww, ww, C)  # (B, nH, wh, nW_w, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, wh * ww, C)  # (B, nH*nW_w, wh*ww, C)
+
+
+def window_reverse(windows, wh, ww, H, W):
+    """(B, nW, wh*ww, C) -> (B, H, W, C): the inverse of `window_partition`."""
+    B, _, _, C = windows.shape
+    x = windows.reshape(B, H // wh, W // ww, wh, ww, C)  # (B, nH, nW_w, wh, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def pad_to_multiple(x, mh, mw):
+    """Zero-pad (B, H, W, C) at the bottom and right so that H, W become multiples of mh, mw."""
+    ph, pw = -x.shape[1] % mh, -x.shape[2] % mw
+    return F.pad(x, (0, 0, 0, pw, 0, ph)) if ph or pw else x  # F.pad pads the last dims first
+
+
+def grid_ids(Hp, Wp, device):
+    """(1, Hp, Wp, 1) raster index of every position: partitioned like the tokens, it says which token
+    sits where in each window (for padding masks, shift masks and attention maps)."""
+    return torch.arange(Hp * Wp, device=device).reshape(1, Hp, Wp, 1)
+
+
+def shift_slices(window, shift):
+    """The three regions of one axis of a map rolled by -shift (Swin): tokens that stayed inside the last
+    window, those that moved in from the window before, and those that wrapped around from the start."""
+    if not shift:
+        return (slice(None),)
+    return slice(0, -window), slice(-window, -shift), slice(-shift, None)
+
+
+def padding_blocked(H, W, Hp, Wp, wh, ww, shift=(0, 0), device=None):
+    """bool (nW, N, N), True where a real query would see a key that is padding (the map was padded from
+    H x W to Hp x Wp, then rolled by -shift and cut into wh x ww windows); None when nothing was padded.
+    Padded queries may see padded keys, so that no row of the mask is empty."""
+    if (Hp, Wp) == (H, W):
+        return None
+    ids = grid_ids(Hp, Wp, device)
+    padded = torch.roll((ids // Wp >= H) | (ids % Wp >= W), (-shift[0], -shift[1]), (1, 2))
+    padded = window_partition(padded, wh, ww)[0, ..., 0]  # (nW, N)
+    return padded[:, None, :] & ~padded[:, :, None]
+
+
+def cached(function):
+    """`function` with a cache of its results in eager mode; under torch.compile the function itself, which
+    the compiler traces and bakes into its graph (it does not look into caches)."""
+    cache = functools.lru_cache(maxsize=256)(function)
+
+    @functools.wraps(function)
+    def call(*args):
+        return function(*args) if torch.compiler.is_compiling() else cache(*args)
+
+    return call
+
+
+@cached
+def blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device):
+    """bool (nW, N, N), True where a query must not see a key: a padded key (`padding_blocked`), or a key
+    that Swin's roll by -(sh, sw) brought next to the query from the far edge of the map; None when
+    neither. It depends only on the shapes, so it is built once per shape and device, not on every
+    forward."""
+    blocked = padding_blocked(H, W, Hp, Wp, wh, ww, (sh, sw), device)
+    if sh or sw:
+        region = torch.zeros(1, Hp, Wp, 1, device=device)  # which part of the rolled map a token is from
+        for i, rows in enumerate(shift_slices(wh, sh)):
+            for j, cols in enumerate(shift_slices(ww, sw)):
+                region[:, rows, cols] = 3 * i + j
+        region = window_partition(region, wh, ww)[0, ..., 0]  # (nW, N)
+        apart = region[:, :, None] != region[:, None, :]
+        blocked = apart if blocked is None else blocked | apart
+    return blocked
+
+
+def window_mask(blocked, bias, nW, heads, N, dtype, device):
+    """Additive (nW*heads, N, N) mask for `attention_in_windows`: -inf where `blocked` (nW, N, N) is True,
+    plus a (heads, N, N) `bias`; None when there is neither, so that SDPA can take its fastest kernels.
+    Its rows are stored 8-aligned: SDPA's memory-efficient kernel copies a mask on every call otherwise."""
+    if blocked is None and bias is None:
+        return None
+    mask = torch.zeros(nW, heads, N, -(-N // 8) * 8, dtype=dtype, device=device)[..., :N]
+    if blocked is not None:
+        mask.masked_fill_(blocked[:, None], float("-inf"))
+    if bias is not None:
+        mask.add_(bias.to(dtype))  # in place, to keep the aligned rows
+    return mask.reshape(nW * heads, N, N)
+
+
+def attend(q, k, v, mask=None, manual=False):
+    """Scaled dot-product attention over (B, heads, N, d) queries and (B, heads, M, d) keys and values.
+    The fast path is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); the
+    manual path computes the same thing step by step and also returns the (B, heads, N, M) probabilities."""
+    if not manual:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, M)
+    if mask is not None:
+        logits = logits + mask
+    probs = logits.softmax(dim=-1)
+    return probs @ v, probs
+
+
+def attention_in_windows(qkv, wh, ww, mask=None, manual=False):
+    """Self-attention inside each wh x ww window of a (B, Hp, Wp, 3, heads, d) map of queries, keys and
+    values. Windows are folded into SDPA's head dimension, (B, nW*heads, N, d), so that a mask that depends
+    on the window but not on the image, (nW*heads, N, N), broadcasts over the batch without a copy.
+    Returns (B, Hp, Wp, heads*d) and, on the manual path, the (B, nW*heads, N, N) probabilities."""
+    B, Hp, Wp, _, heads, d = qkv.shape
+    windows = window_partition(qkv.reshape(B, Hp, Wp, 3 * heads * d), wh, ww)  # (B, nW, N, 3*heads*d)
+    nW, N = windows.shape[1], windows.shape[2]
+    windows = windows.reshape(B, nW, N, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
+    q, k, v = windows.reshape(3, B, nW * heads, N, d).unbind(0)
+    out, probs = attend(q, k, v, mask, manual)  # (B, nW*heads, N, d)
+    out = out.reshape(B, nW, heads, N, d).transpose(2, 3).reshape(B, nW, N, heads * d)
+    return window_reverse(out, wh, ww, Hp, Wp), probs
+
+
+def dense_attention_maps(probs, token_ids, heads, n_tokens):
+    """Scatter window probabilities (B, nW*heads, N, N) into full maps (B, heads, n, n) over all n tokens
+    of the padded grid. token_ids (nW, N) holds the grid index of each window position, obtained by
+    partitioning a grid of indices exactly as the tokens were partitioned. Zero outside the window."""
+    B = probs.shape[0]
+    nW, N = token_ids.shape
+    probs = probs.reshape(B, nW, heads, N, N).transpose(1, 2)  # (B, heads, nW, N, N)
+    dense = probs.new_zeros(B, heads, n_tokens, n_tokens)
+    dense[:, :, token_ids[:, :, None], token_ids[:, None, :]] = probs
+    return dense
+
+
+class RelativePositionBias(nn.Module):
+    """Swin's learned relative position bias: one scalar per head for each of the (2w-1)^2 offsets between
+    two tokens of a w x w window, added to the attention logits. Windows cut smaller than w (small grids)
+    use the central part of the table."""
+
+    def __init__(self, window, num_heads):
+        super().__init__()
+        self.window = window
+        self.table = nn.Parameter(torch.empty((2 * window - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.table, std=0.02)
+        # The full window's index, built once and moved with the module (not saved): no host-to-device
+        # copy on every forward.
+        self.register_buffer("index", relative_index(window, window, window).clone(), persistent=False)
+
+    def forward(self, wh, ww):
+        full = (wh, ww) == (self.window, self.window)
+        index = self.index if full else relative_index(self.window, wh, ww, self.table.device)
+        return self.table[index].permute(2, 0, 1)  # (heads, N, N)
+
+
+@cached
+def relative_index(window, wh, ww, device=None):
+    """(N, N) row of a w x w window's bias table for each (query, key) pair of a wh x ww window. A window
+    shrunk to a small grid gets its index built once per shape and device, as the masks are."""
+    coords = torch.stack(torch.meshgrid(torch.arange(wh, device=device), torch.arange(ww, device=device),
+                                        indexing="ij")).flatten(1)  # (2, N)
+    offsets = coords[:, :, None] - coords[:, None, :] + window - 1  # (2, N, N), in [0, 2w-2]
+    return offsets[0] * (2 * window - 1) + offsets[1]
+
+
+class AttentionMixer(nn.Module):
+    """What every attention mixer shares: the head layout and the switch to the manual path. `record` is
+    None, or a function that receives this mixer's attention maps (set by `record_attention`)."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: {num_heads} heads do not divide {dim} channels")
+        self.num_heads = num_heads
+        self.record = None
+
+
+class WindowAttention(AttentionMixer):
+    """Local window attention (Swin without the shift): tokens attend only within non-overlapping
+    `extent` x `extent` windows, so cost grows linearly with the image. As in the UniNeXt release, q and v have
+    biases and k has none (a k bias adds the same logit to every key of a query and cancels in the softmax).
+
+    In UniNeXt the windows need no position bias: EC, a depthwise conv over the whole map of V, gives
+    position and lets information cross window borders. In the vanilla architecture (`pos`) the mixer gets
+    Swin's relative position bias instead. A map that the window does not divide is zero-padded right and
+    bottom and the result cropped back. The authors zero-pad too but do not mask, so their padded keys get
+    logit 0 and dilute every softmax that sees them; here padded keys are masked so that they change
+    nothing. This is a deliberate departure: it changes outputs only at sizes that the window does not
+    divide, never at 224x224 (or 32x32), where the two compute the same function. A window larger than the
+    grid shrinks to it. Cost per token: 4C^2 MACs for qkv and
+    output projection (the latter in the block) plus 2*N*C for the attention over N = extent^2 tokens."""
+
+    position = "relative"
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__(dim, num_heads)
+        self.window = extent
+        self.shift = 0
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.ec = DWConv(dim) if ec else None
+        self.rel_pos = RelativePositionBias(extent, num_heads) if pos and self.position == "relative" else None
+
+    def window_shape(self, H, W):
+        return (min(self.window, H), min(self.window, W)) if self.window else (H, W)
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, H, W, 3C)
+        wh, ww = self.window_shape(H, W)
+        sh, sw = (self.shift if wh < H else 0), (self.shift if ww < W else 0)
+        qkv_p = pad_to_multiple(qkv, wh, ww)  # (B, Hp, Wp, 3C), padded keys are all-zero
+        Hp, Wp = qkv_p.shape[1], qkv_p.shape[2]
+        if sh or sw:  # Swin: roll the map so that the new windows straddle the old window borders
+            qkv_p = torch.roll(qkv_p, shifts=(-sh, -sw), dims=(1, 2))
+
+        mask = self.attention_mask(H, W, Hp, Wp, wh, ww, sh, sw, x.device, qkv.dtype)  # bf16 under autocast
+        out, probs = attention_in_windows(qkv_p.unflatten(-1, (3, self.num_heads, -1)), wh, ww, mask,
+                                          manual=self.record is not None)
+        if sh or sw:
+            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+        out = out[:, :H, :W]  # (B, H, W, C), crop the padding
+        if self.record is not None:
+            ids = torch.roll(grid_ids(Hp, Wp, x.device), shifts=(-sh, -sw), dims=(1, 2))
+            ids = window_partition(ids, wh, ww)[..., 0][0]  # (nW, N)
+            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
+            self.record(dense_attention_maps(probs, ids, self.num_heads, Hp * Wp)[:, :, real][..., real])
+        if self.ec is not None:
+            out = out + self.ec(qkv[..., 2 * C:])  # EC on V over the whole map
+        return out
+
+    def attention_mask(self, H, W, Hp, Wp, wh, ww, sh, sw, device, dtype):
+        """Additive (nW*heads, N, N) mask, or None when nothing needs one (the usual UniNeXt case): it
+        keeps padded keys away from real queries, keeps tokens that the shift wrapped around apart from
+        their new neighbours (Swin), and carries the relative position bias (vanilla)."""
+        blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device)
+        bias = self.rel_pos(wh, ww) if self.rel_pos is not None else None
+        nW = (Hp // wh) * (Wp // ww)
+        return window_mask(blocked, bias, nW, self.num_heads, wh * ww, dtype, device)
+
+
+class ShiftedWindowAttention(WindowAttention):
+    """Swin's shifted windows: every second block rolls the map by half a window before partitioning, so
+    that information crosses window borders without a conv. The tokens that the roll wraps around from one
+    edge to the other are not neighbours, so a mask keeps them apart. Same parameters as `window`."""
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__(dim, num_heads, extent, index=index, ec=ec, pos=pos)
+        self.shift = extent // 2 if index % 2 else 0
+
+
+class GlobalAttention(WindowAttention):
+    """Full self-attention over all tokens (ViT): a window that covers the whole grid. Cost grows with the
+    square of the number of tokens, which is fine on the small grids of 32x32 images and of late stages.
+    Its original position encoding is ViT's absolute embedding, which the stage adds (`pos`)."""
+
+    position = "absolute"
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__(dim, num_heads, 0, index=index, ec=ec, pos=pos)
+
+
+class CrossShapedWindowAttention(AttentionMixer):
+    """CSWin's cross-shaped window: the heads of the first half of the channels attend within vertical
+    stripes of `extent` columns, those of the second half within horizontal stripes of `extent` rows, so a
+    token sees a cross through itself at the cost of a window. The order is the authors' (their branch 0
+    is the vertical one), so that a state dict trained with their code maps onto this one without a
+    permutation. With extent 0 (the last stage, where one stripe is the whole grid) a single branch with
+    all heads attends globally. qkv has full biases. Padding is masked, as in `WindowAttention`.
+
+    EC is applied to V per stripe, each stripe convolved on its own with zero padding at its borders: this
+    is CSWin's own LePE (locally-enhanced positional encoding), so the vanilla architecture (`pos`) keeps
+    exactly the same conv. Each branch has its own depthwise conv over its half of the channels."""
+
+    position = "lepe"
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__(dim, num_heads)
+        self.stripe = extent
+        self.branches = 1 if extent == 0 else 2
+        self.branch_heads = max(num_heads // self.branches, 1)  # as CSWin: S's 3 heads become 1 + 1 of 48
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.ec = nn.ModuleList(DWConv(dim // self.branches) for _ in range(self.branches)) if ec or pos else None
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        sh, sw = (min(self.stripe, H), min(self.stripe, W)) if self.stripe else (H, W)
+        qkv = pad_to_multiple(self.qkv(x), sh, sw)  # (B, Hp, Wp, 3C): padded keys are all-zero
+        Hp, Wp = qkv.shape[1], qkv.shape[2]
+        qkv = qkv.unflatten(-1, (3, self.branches, self.branch_heads, -1))  # (B, Hp, Wp, 3, branches, h, d)
+        stripes = [(Hp, sw), (sh, Wp)] if self.branches == 2 else [(Hp, Wp)]  # vertical, horizontal
+        heads = self.branch_heads
+        outs, maps = [], []
+        for b, (wh, ww) in enumerate(stripes):
+            branch = qkv[:, :, :, :, b]  # (B, Hp, Wp, 3, h, d): this branch's half of the channels
+            nW = (Hp // wh) * (Wp // ww)
+            blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, 0, 0, x.device)
+            mask = window_mask(blocked, None, nW, heads, wh * ww, qkv.dtype, x.device)
+            out, probs = attention_in_windows(branch, wh, ww, mask, manual=self.record is not None)
+            if self.ec is not None:  # EC / LePE on V, each stripe convolved as its own little image
+                v = window_partition(branch[:, :, :, 2].flatten(-2), wh, ww)  # (B, nW, wh*ww, c)
+                c = v.shape[-1]
+                v = self.ec[b](v.reshape(B * nW, wh, ww, c)).reshape(B, nW, wh * ww, c)
+                out = out + window_reverse(v, wh, ww, Hp, Wp)
+            outs.append(out)
+            if self.record is not None:
+                ids = window_partition(grid_ids(Hp, Wp, x.device), wh, ww)[0, ..., 0]  # (nW, N)
+                maps.append(dense_attention_maps(probs, ids, heads, Hp * Wp))
+        if self.record is not None:
+            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
+            self.record(torch.cat(maps, dim=1)[:, :, real][..., real])
+        return torch.cat(outs, dim=-1)[:, :H, :W]  # (B, H, W, C)
+
+
+class SpatialReductionAttention(AttentionMixer):
+    """PVT's spatial-reduction attention: queries at full resolution, keys and values from the map shrunk
+    by a strided conv (kernel = stride = `extent`) and a LayerNorm, so every token sees the whole image at
+    1/extent^2 of global attention's cost. Ratio 1 is plain global attention. A map that the ratio does not
+    divide is zero-padded before the reduction. Its V lives on the reduced grid, so EC runs on the input x.
+    Its original position encoding is PVT v1's absolute embedding, which the stage adds (`pos`)."""
+
+    position = "absolute"
+
+    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+        super().__init__(dim, num_heads)
+        self.ratio = extent
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        if extent > 1:
+            self.sr = Conv(dim, dim, extent, stride=extent)
+            self.norm = nn.LayerNorm(dim)
+        self.ec = DWConv(dim) if ec else None
+
+    def reduce(self, x):
+        """(B, H, W, C) -> (B, ceil(H/r), ceil(W/r), C): the map that keys and values are computed from."""
+        if self.ratio == 1:
+            return x
+        return self.norm(self.sr(pad_to_multiple(x, self.ratio, self.ratio)))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        q = self.q(x).reshape(B, H * W, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        kv = self.kv(self.reduce(x)).reshape(B, -1, 2, self.num_heads, C // self.num_heads)  # (B, M, 2, heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, M, d) each
+        out, probs = attend(q, k, v, manual=self.record is not None)
+        if self.record is not None:
+            self.record(probs)  # (B, heads, H*W, M): keys are the cells of the reduced grid
+        out = out.transpose(1, 2).reshape(B, H, W, C)
+        return out + self.ec(x) if self.ec is not None else out
+
+
+MIXERS = {
+    "pool": Pooling,
+    "conv": DepthwiseConv,
+    "window": WindowAttention,
+    "cswin": CrossShapedWindowAttention,
+    "pvt": SpatialReductionAttention,
+    "swin": ShiftedWindowAttention,
+    "global": GlobalAttention,
+    "identity": Identity,
+}
+
+
+@contextmanager
+def record_attention(model):
+    """Run every attention mixer of `model` through the manual path and collect its probabilities.
+
+        with uninext.record_attention(model) as maps:
+            logits = model(images)
+        maps["stages.0.blocks.1.mixer"]  # (B, heads, H*W, H*W), rows = queries, columns = keys
+
+    Queries and keys are the tokens of the stage's grid in raster order; a window mixer's row is zero
+    outside the query's window, a cswin map holds the vertical-stripe heads first, and pvt's columns are
+    the cells of its reduced grid. The outputs equal those of the SDPA path (tested)."""
+    maps = {}
+    mixers = {name: m for name, m in model.named_modules() if isinstance(m, AttentionMixer)}
+    for name, mixer in mixers.items():
+        mixer.record = lambda probs, name=name: maps.__setitem__(name, probs.detach())
+    try:
+        yield maps
+    finally:
+        for mixer in mixers.values():
+            mixer.record = None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Configuration and presets
 
 
@@ -752,21 +779,6 @@ ARCHS = {
 # The model
 
 
-# Checkpoints written before the stem and HdC had named layers (nn.Sequential indices) load too.
-RENAMED = {"stem.layers.0.": "stem.conv1.", "stem.layers.1.": "stem.norm1.", "stem.layers.3.": "stem.conv2.",
-           "stem.layers.4.": "stem.norm2.", "stem.layers.6.": "stem.conv3.", "stem.layers.7.": "stem.norm3.",
-           ".mlp.hdc.0.": ".mlp.hdc.conv.", ".mlp.hdc.1.": ".mlp.hdc.norm."}
-
-
-def rename_old_keys(module, state_dict, prefix, *args):
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = key
-        for old, name in RENAMED.items():
-            new = new.replace(old, name)
-        if new != key:
-            state_dict[new] = state_dict.pop(key)
-
-
 class UniNeXt(nn.Module):
     """Stem -> four stages -> head (LayerNorm, global average pool, Linear). Takes (B, in_chans, H, W)
     images; inside, one (B, H, W, C) layout throughout."""
@@ -784,7 +796,6 @@ class UniNeXt(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.apply(self._init_weights)
-        self.register_load_state_dict_pre_hook(rename_old_keys)
 
     @staticmethod
     def _init_weights(m):
@@ -849,9 +860,11 @@ class UniNeXt(nn.Module):
 
     def reset_classifier(self, num_classes):
         """A new, freshly initialised head for `num_classes` classes (0: none, the model gives the pooled
-        features), for fine-tuning on another label set."""
+        features), for fine-tuning on another label set; on the device and in the dtype of the model."""
         self.cfg = replace(self.cfg, num_classes=num_classes)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        like = self.norm.weight  # where and in what dtype the model's features are
+        self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes else nn.Identity())
         self.head.apply(self._init_weights)
 
 
@@ -885,12 +898,18 @@ def config(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
 
 
 def load(path, map_location="cpu"):
-    """A UniNeXt trained by train_minimal.py, rebuilt from its checkpoint (a run folder means its last.pt;
-    the weights that were tested: the EMA's when the run kept one), in eval mode. The checkpoint holds the
-    model's Config, so nothing else (data, command line) is needed. The input normalisation it was trained
-    with, per channel on 0-255 pixel values, is in `model.pretrained_cfg` (timm's name)."""
+    """A UniNeXt trained by train_minimal.py, rebuilt from its checkpoint, in eval mode: a file, or a folder
+    (its model.pt, as in checkpoints/, else the last.pt of a run folder), with the weights that were tested
+    (the EMA's when the run kept one). The checkpoint holds the model's Config, so nothing else (data,
+    command line) is needed. The input normalisation it was trained with, per channel on 0-255 pixel
+    values, is in `model.pretrained_cfg` (timm's name)."""
     path = Path(path)
-    path = path / "last.pt" if path.is_dir() else path
+    if path.is_dir():
+        found = [path / name for name in ("model.pt", "last.pt") if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds neither model.pt (an exported checkpoint) nor last.pt (a "
+                                    f"train_minimal.py run): pass one of those files or such a folder")
+        path = found[0]
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(checkpoint, dict) or not checkpoint.get("model_config"):
         raise ValueError(f"{path} holds no UniNeXt configuration: it is a baseline's checkpoint, was written by "

@@ -2,7 +2,7 @@
 Turn a finished train_minimal.py run into the small checkpoint the notebooks load: the tested weights (the
 EMA's when the run kept one) in fp16, the model's configuration, the input normalisation and the training
 options, plus the run's metrics.csv, steps.csv and summary.json, so that its curves can be drawn without
-training again. `uninext.load(folder / "model.pt")` rebuilds the model.
+training again. `uninext.load(folder)` rebuilds the model.
 
     python checkpoints/export.py runs/compare/fashion-mnist-window-uninext-4ep-seed0-<key> fashion-mnist-window-uninext
 

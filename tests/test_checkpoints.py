@@ -42,6 +42,18 @@ def test_an_exported_run_rebuilds_the_tested_model_in_fp16(ema, tmp_path):
     assert small.pretrained_cfg == full.pretrained_cfg
 
 
+def test_load_takes_the_folder_that_readme_names_and_says_what_a_folder_lacks(tmp_path):
+    name = COMMITTED[0]
+    folder, file = uninext.load(ROOT / "checkpoints" / name), uninext.load(ROOT / "checkpoints" / name / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(folder.state_dict().values(), file.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="holds neither model.pt .* nor last.pt"):
+        uninext.load(tmp_path)
+    torch.save({"model_config": None}, tmp_path / "last.pt")  # an exported model.pt wins over a last.pt
+    (tmp_path / "model.pt").write_bytes((ROOT / "checkpoints" / name / "model.pt").read_bytes())
+    assert all(torch.equal(a, b) for a, b in zip(uninext.load(tmp_path).state_dict().values(),
+                                                 file.state_dict().values()))
+
+
 def test_readme_lists_every_committed_checkpoint_with_its_checksum():
     assert sorted(LISTED.values()) == COMMITTED
     for digest, name in LISTED.items():
@@ -52,7 +64,7 @@ def test_readme_lists_every_committed_checkpoint_with_its_checksum():
 @pytest.mark.parametrize("name", [n for n in COMMITTED if n.startswith("fashion-mnist")])
 def test_a_committed_checkpoint_scores_what_its_run_recorded(name):
     folder = ROOT / "checkpoints" / name
-    model = uninext.load(folder / "model.pt")
+    model = uninext.load(folder)  # its model.pt
     args = tm.resolve(tm.build_parser().parse_args(["--dataset", "fashion-mnist", "--device", "cpu"]))
     data = tm.load_data(args, torch.device("cpu"))
     _, acc1 = tm.evaluate(model, data, contextlib.nullcontext)
