@@ -4,8 +4,13 @@ forward, grouped or not. 34 s measured at load average 6 on 2 CPU cores (13 s at
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import uninext
 
 BENCH = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks" / "bench.py"
+GPU_CHECK = BENCH.with_name("gpu_check.sh")
 sys.path.insert(0, str(BENCH.parent))
 import bench  # noqa: E402
 
@@ -62,3 +68,80 @@ def test_bad_options_are_refused_before_anything_is_measured(argv, message, tmp_
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--quick", *(a.format(file=tmp_path / "file") for a in argv)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_stopped_after_its_first_row_leaves_that_row_in_its_json(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.Popen([sys.executable, str(BENCH), "--quick", "--device", "cpu", "--mixers", "pool", "conv",
+                            "--json", str(out)], stdout=subprocess.PIPE, text=True)
+    for line in run.stdout:  # the row's line is printed after its JSON was written
+        if line.startswith("  uninext pool off:"):
+            run.send_signal(signal.SIGTERM)  # as `timeout` stops a step
+            break
+    run.communicate(timeout=60)
+    result = json.loads(out.read_text())
+    assert run.returncode == -signal.SIGTERM
+    assert result["meta"]["rows_planned"] == 2 and result["rows"][0]["mixer"] == "pool"
+    assert result["rows"][0]["train_img_s"] > 0 and not (tmp_path / "bench.json.part").exists()
+
+
+def test_compiler_settings_fall_back_to_the_names_of_older_torch_releases(monkeypatch):
+    old = {"torch._dynamo.config": types.SimpleNamespace(__name__="torch._dynamo.config", cache_size_limit=8,
+                                                         fail_on_cache_limit_hit=False),
+           "torch._inductor.config": types.SimpleNamespace(__name__="torch._inductor.config",
+                                                           force_disable_caches=False)}
+
+    def import_module(name):  # torch 2.4: the old names, and no torch.compiler.config
+        if name not in old:
+            raise ModuleNotFoundError(name)
+        return old[name]
+
+    monkeypatch.setattr(bench.importlib, "import_module", import_module)
+    assert bench.configure_compiler() == {"recompile_limit": "torch._dynamo.config.cache_size_limit",
+                                          "fail_on_recompile_limit_hit": "torch._dynamo.config.fail_on_cache_limit_hit",
+                                          "force_disable_caches": "torch._inductor.config.force_disable_caches"}
+    dynamo = old["torch._dynamo.config"]
+    assert dynamo.cache_size_limit == bench.RECOMPILE_LIMIT and dynamo.fail_on_cache_limit_hit
+    assert old["torch._inductor.config"].force_disable_caches
+
+
+def gpu_check(out, *args, budget=540):
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, BUDGET=str(budget), OMP_NUM_THREADS="1")
+    start = time.monotonic()
+    run = subprocess.run(["bash", str(GPU_CHECK), *args], env=env, capture_output=True, text=True, timeout=300)
+    return run, time.monotonic() - start
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")
+def test_gpu_check_without_cuda_stops_at_once_with_one_line_and_runs_no_step(tmp_path):
+    run, seconds = gpu_check(tmp_path)
+    assert run.returncode == 100 and seconds < 30, (run.returncode, seconds)
+    assert run.stdout.splitlines() == [run.stdout.strip()] and "sees no CUDA device" in run.stdout, run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log", "preflight.log"]
+
+
+def test_gpu_check_tiny_runs_every_step_within_its_share_of_the_budget_and_keeps_their_files(tmp_path):
+    budget = 540
+    run, _ = gpu_check(tmp_path, "--tiny", budget=budget)
+    log = run.stdout
+    assert run.returncode == 0, log[-3000:]
+
+    plan = re.search(r"^== plan, BUDGET (\d+)s: (.*)$", log, re.MULTILINE)
+    shares = {name: int(s) for name, s in re.findall(r"(\w+) (\d+)s", plan.group(2))}
+    assert int(plan.group(1)) == budget and sum(shares.values()) <= budget
+    started = re.findall(r"^== (\w+) \(limit (\d+)s\)", log, re.MULTILINE)
+    took = [int(s) for s in re.findall(r"^== \w+: exit 0 after (\d+)s", log, re.MULTILINE)]
+    names = list(shares)
+    assert "== preflight skipped" in log and [name for name, _ in started] == names[1:]
+    for i, (name, limit) in enumerate(started):  # its own share and what the earlier ones left, not the later ones'
+        later = sum(shares[n] for n in names[names.index(name) + 1:])
+        assert shares[name] <= int(limit) <= budget - sum(took[:i]) - later + i, (name, limit)  # + i: rounding
+
+    checks = (tmp_path / "checks.log").read_text()
+    assert "fused attention" in checks and checks.count("recompile count") == 2 and "FAILED" not in checks
+    for name in ["T_eager", "T_window_block", "T_others_block", "T32_window"]:
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert len(result["rows"]) == result["meta"]["rows_planned"] and all("error" not in r for r in result["rows"])
+        assert result["meta"]["command"] in (tmp_path / "speed_tables.md").read_text()
+    for name in ["profile_model.txt", "profile_block.txt", "candidates.log", "candidates_compiled.log"]:
+        assert (tmp_path / name).stat().st_size > 0, name

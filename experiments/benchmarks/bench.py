@@ -40,17 +40,21 @@ make a step many times slower (NOTES.md, hazard 3); the JSON keeps the load aver
 
 Compile modes: `off` is eager; `block` is regional compilation, each `uninext.Block` compiled on its own with
 `Module.compile(fullgraph=True, dynamic=False)`: one graph per distinct block (stage shape, shift, train or
-eval), which the raised recompile limit allows and `fail_on_recompile_limit_hit` turns from a silent eager
+eval), which the raised recompile limit allows and the fail-on-limit switch turns from a silent eager
 fallback into an error; `model` compiles the whole network. Dynamo is reset between rows and Inductor's
-caches are off, so every compile time is a cold one, as a user's first run on a fresh machine.
+caches are off, so every compile time is a cold one, as a user's first run on a fresh machine. These three
+settings have other names in older torch releases; `configure_compiler` sets the ones this torch has and
+the JSON says which (`compiler_settings`).
 
 Prints a table; --json writes it with everything needed to say what produced it (command, date, commit,
-torch, device, threads, load average). A row that fails (for example out of memory) is kept with its error, the
-others still run, and the exit status is 1.
+torch, device, threads, load average), rewritten after every row, so that a run stopped half way (a time
+limit, a crash) leaves the rows that finished (`rows_planned` says how many were meant). A row that fails
+(for example out of memory) is kept with its error, the others still run, and the exit status is 1.
 """
 
 import argparse
 import gc
+import importlib
 import json
 import math
 import os
@@ -73,6 +77,8 @@ sys.path.insert(0, str(ROOT))
 import uninext  # noqa: E402
 
 COMPILE_MODES = ("off", "block", "model")
+RECOMPILE_LIMIT = 64  # T's blocks: 4 stage shapes x (train, eval), x2 for swin's shifts; 24 blocks x 2 where
+# each block instance compiles its own graphs (older torch releases, which did not inline nn.Modules)
 QUICK = dict(size="N32", img_size=32, batch=8, infer_batch=16, steps=3, warmup=1, threads=1)  # what --quick sets
 
 
@@ -89,9 +95,10 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, help="untimed first steps, compilation included (default 5)")
     parser.add_argument("--compile", nargs="+", choices=COMPILE_MODES, dest="compile_modes",
                         help="compile modes to run, one row each (default: off block on a GPU, off on the CPU)")
-    parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager"],
-                        help="torch.compile backend; aot_eager traces as inductor does but generates no code: "
-                             "a fast check of the compiled path on the CPU (default inductor)")
+    parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager", "eager"],
+                        help="torch.compile backend; aot_eager traces forward and backward as inductor does but "
+                             "generates no code, eager runs dynamo's graphs as they are: fast checks of the "
+                             "compiled path on the CPU (default inductor)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: its own choice)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (and so MFU)")
@@ -131,6 +138,34 @@ def parse_args(argv=None):
     if problems:
         parser.error("; ".join(problems))
     return args
+
+
+def configure_compiler():
+    """Raise the recompile limit to RECOMPILE_LIMIT, make hitting it an error instead of a silent fall-back
+    to eager, and turn the compile caches off, under whichever name this torch has. torch 2.7 renamed
+    `cache_size_limit` and `fail_on_cache_limit_hit` to `recompile_limit` and `fail_on_recompile_limit_hit`
+    (pytorch/pytorch PR 143709, which kept the old names as aliases); `force_disable_caches` lives in
+    `torch._inductor.config` since before 2.4 and also in `torch.compiler.config` in recent releases.
+    Returns {setting: the name that was set, or None where this torch has neither}."""
+    dynamo = importlib.import_module("torch._dynamo.config")
+    inductor = importlib.import_module("torch._inductor.config")
+    try:
+        compiler = importlib.import_module("torch.compiler.config")
+    except ImportError:
+        compiler = None
+    places = {  # setting: (value, where it may be, newest name first)
+        "recompile_limit": (RECOMPILE_LIMIT, [(dynamo, "recompile_limit"), (dynamo, "cache_size_limit")]),
+        "fail_on_recompile_limit_hit": (True, [(dynamo, "fail_on_recompile_limit_hit"),
+                                               (dynamo, "fail_on_cache_limit_hit")]),
+        "force_disable_caches": (True, [(compiler, "force_disable_caches"), (inductor, "force_disable_caches")]),
+    }
+    chosen = {}
+    for setting, (value, candidates) in places.items():
+        found = [(module, name) for module, name in candidates if module is not None and hasattr(module, name)]
+        if found:
+            setattr(*found[0], value)
+        chosen[setting] = f"{found[0][0].__name__}.{found[0][1]}" if found else None
+    return chosen
 
 
 def compile_in_place(model, mode, backend):
@@ -311,6 +346,14 @@ def table(rows):
     return "\n".join(out)
 
 
+def write_json(path, meta, rows):
+    """Through a temporary file, so that a process killed while writing never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    os.replace(part, path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -320,9 +363,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    torch._dynamo.config.recompile_limit = 64  # T's blocks: 4 stage shapes x (train, eval), x2 for swin
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
-    torch.compiler.config.force_disable_caches = True  # every compile from scratch, as on a fresh machine
+    settings = configure_compiler()  # every compile from scratch, as on a fresh machine; no silent fall-back
 
     meta = dict(
         command=" ".join([Path(sys.executable).name] + sys.argv) if argv is None else "bench.main(" + repr(argv) + ")",
@@ -331,13 +372,17 @@ def main(argv=None):
         precision="bf16 autocast" if device.type == "cuda" else "fp32", size=args.size, img_size=args.img_size,
         num_classes=args.num_classes,
         batch=args.batch, infer_batch=args.infer_batch, steps=args.steps, warmup=args.warmup,
-        backend=args.backend, peak_tflops=args.peak_tflops if device.type == "cuda" else None,
-        loadavg_before=os.getloadavg(),
+        backend=args.backend, compiler_settings=settings,
+        peak_tflops=args.peak_tflops if device.type == "cuda" else None, loadavg_before=os.getloadavg(),
+        rows_planned=len(args.arch) * len(args.mixers) * len(args.compile_modes),
     )
     print(f"{meta['device']} | torch {meta['torch']} | {meta['precision']} | {args.size} at {args.img_size}x"
           f"{args.img_size}, batch {args.batch} train / {args.infer_batch} infer | median of {args.steps} steps "
           f"after {args.warmup} | load average {' '.join(f'{v:.2f}' for v in meta['loadavg_before'])}",
           flush=True)
+    if any(mode != "off" for mode in args.compile_modes):
+        print("compiler settings: " + ", ".join(f"{setting} as {name}" if name else f"{setting}: not in this torch"
+                                                for setting, name in settings.items()), flush=True)
 
     rows = []
     for arch in args.arch:
@@ -350,17 +395,17 @@ def main(argv=None):
                     traceback.print_exc()
                     row = dict(arch=arch, mixer=mixer, compile=mode, error=f"{type(error).__name__}: {error}"[:200])
                 rows.append(row)
+                if args.json:
+                    meta["loadavg_after"] = os.getloadavg()
+                    write_json(args.json, meta, rows)
                 print(f"  {arch} {mixer} {mode}: " + (row.get("error") or
                       f"train {row['train_img_s']:,.1f} img/s, infer {row['infer_img_s']:,.1f} img/s"), flush=True)
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    meta["loadavg_after"] = os.getloadavg()
     print(table(rows))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
         print(f"wrote {args.json}")
     return 1 if any("error" in row for row in rows) else 0
 

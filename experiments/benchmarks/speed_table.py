@@ -6,11 +6,14 @@ Rows measured at the anchors' setting (UniNeXt-T at 224x224, training batch 128,
 autocast) are set beside the anchors of `anchors.json`: the authors' code (github.com/jianlong-yuan/UniNeXt,
 commit 413ff717f322) on one NVIDIA H200 with PyTorch 2.11, figures quoted from one run whose log is not in
 this repository (the file says so). Compare only when the device line above the table says H200 too. Rows
-at 32x32 get the time of one 50,000-image epoch (CIFAR's training set) at the measured training rate.
+at 32x32 get the time of one 50,000-image epoch (CIFAR's training set) at the measured training rate. A file
+that bench.py left half way (stopped by a time limit) says how many of its rows it holds; a file that is not
+there gets a line that says so (exit status 1 when none is there).
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 ANCHORS = json.loads(Path(__file__).with_name("anchors.json").read_text())
@@ -39,6 +42,8 @@ def markdown(result):
              f"{meta['infer_batch']} infer, median of {meta['steps']} steps after {meta['warmup']}; {meta['date']}; "
              f"code {meta.get('code', 'unknown')}; "
              f"`{meta['command']}`", ""]
+    if len(rows) < meta.get("rows_planned", len(rows)):
+        lines[0] += f"; stopped after {len(rows)} of its {meta['rows_planned']} rows"
     header = ["arch", "mixer", "mode", "train img/s", "infer img/s", "peak GiB", "compile s", "MFU"]
     header += ["authors' train / infer img/s", "train speed-up"] if anchors else []
     header += ["50k-image epoch s"] if small else []
@@ -65,8 +70,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
-    print("\n\n".join(markdown(json.loads(path.read_text())) for path in args.files))
+    found = [path for path in args.files if path.exists()]
+    print("\n\n".join(markdown(json.loads(path.read_text())) if path in found
+                       else f"`{path}`: not written (its run finished no row)" for path in args.files))
+    return 0 if found else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
