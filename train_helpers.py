@@ -1,29 +1,7 @@
-"""
-The machinery around train_minimal.py that a reader of its loop need not study: the checks on the options,
-processes and devices, the dataset readers (CIFAR through torchvision, Fashion-MNIST's IDX files, the
-synthetic stand-in, ImageNet-style folders), and the bookkeeping of a run (`Tracker`: exact mid-epoch
-resume, NaN checks, progress, cost estimates, Ctrl-C and SIGTERM, agreement between processes, checkpoints
-written atomically in a locked folder, metrics, curves, the summary). train_minimal.py imports what it uses
-from here; nothing here imports it.
-
-A run leaves in --out (default runs/<dataset>-<mixer>-<arch>, or runs/<dataset>-<model> for a baseline):
-metrics.csv (a row per epoch), steps.csv (the training loss and accuracy every few steps), curves.png,
-last.pt and best.pt (everything needed to continue exactly: model, optimiser, schedule, grad scaler, EMA,
-all random states, the configuration; plain tensors and dicts, loaded with weights_only=True) and
-summary.json. best.pt is chosen on the test set, so its accuracy is optimistic: report the last epoch's.
-
-Ctrl-C or SIGTERM stops after the current step (under torchrun: at the next progress update), saves last.pt
-there and prints the command that resumes; a run stopped anywhere and resumed ends with the same metrics and
-weights as a run never stopped (tested on the CPU). One run folder takes one run at a time (a lock file).
-Exit codes: 0 done, 2 bad input (the message says what to do), 3 the loss, the weights or the test loss
-became NaN or infinite, 130 stopped by Ctrl-C or SIGTERM.
-
-Cost. Every run reports its training time twice: wall seconds, and the CPU-seconds its processes spent
-training (`cpu_seconds`; DataLoader workers not included), which other jobs on a shared machine inflate far
-less than wall time (by up to a quarter, measured, through contended caches). With one process of one
-thread (OMP_NUM_THREADS=1) that is about what one idle core would take; compare runs by it. After the first
-steps the run says what the whole of it will cost.
-"""
+"""What train_minimal.py needs and a reader of its loop need not study, kept here so that the script reads as
+the recipe: the checks on options, devices and processes; the dataset readers; and the bookkeeping of a run
+(`Tracker`: exact resume, NaN checks, progress, Ctrl-C and SIGTERM, a locked run folder, files written
+atomically, metrics, curves, the summary). Nothing here imports train_minimal.py."""
 
 import csv
 import dataclasses
@@ -38,7 +16,7 @@ import signal
 import struct
 import time
 import zlib
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 try:
@@ -63,11 +41,14 @@ RUNTIME_OPTIONS = {"resume", "out", "overwrite", "data_dir", "eval_only", "eval_
                    "workers"}
 RUN_FILES = ["last.pt", "best.pt", "metrics.csv", "steps.csv", "summary.json"]  # what a run leaves in --out
 # metrics.csv, a row per epoch: `seconds` is wall time (training and testing), `cpu_seconds` the CPU time
-# the training processes spent training. steps.csv, a row every few steps: the means over those steps,
-# and the CPU time of the whole run so far.
+# that the training processes spent training (DataLoader workers not included): other jobs on a shared
+# machine inflate it far less than wall time, so runs are compared by it, on one processor (the summary
+# names it). steps.csv, a row every few steps: the means over those steps, and the CPU time of the run so far.
 METRICS = ["epoch", "lr", "train_loss", "train_acc1", "test_loss", "test_acc1", "img_per_s", "seconds",
            "cpu_seconds"]
 STEP_METRICS = ["step", "epoch", "lr", "train_loss", "train_acc1", "cpu_seconds"]
+PROGRESS = {"epoch": (int,), "step": (int,), "history": (list,), "log": (list,), "best": (dict, type(None)),
+            "partial": (dict, type(None))}  # the types of a run's progress record (see Tracker)
 
 
 class UsageError(Exception):
@@ -75,10 +56,11 @@ class UsageError(Exception):
 
 
 class Diverged(Exception):
-    """The loss became NaN or infinite: exit code 3."""
+    """The loss, the weights or the test loss became NaN or infinite: exit code 3."""
+
 
 # ----------------------------------------------------------------------------------------------------------
-# Options
+# Options, devices and processes
 
 
 def check_options(args):
@@ -121,9 +103,6 @@ def check_out(args):
         raise UsageError(f"{out} holds a run already: continue it with --resume {shlex.quote(str(out))}, "
                          f"choose another --out, or replace it with --overwrite")
 
-# ----------------------------------------------------------------------------------------------------------
-# Processes and devices
-
 
 def start_processes(args):
     """(rank, world_size, device). Under torchrun (RANK in the environment) this process joins the others:
@@ -139,6 +118,7 @@ def start_processes(args):
 
 
 def pick_device(name, local_rank):
+    """The device that --device names; auto: CUDA, else Apple silicon's GPU (MPS), else the CPU."""
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         name = "cuda" if available["cuda"] else "mps" if available["mps"] else "cpu"
@@ -168,6 +148,7 @@ def anyone(flag, device):
     """True on every process if `flag` is True on any of them."""
     return all_sum(torch.tensor(float(flag), device=device)).item() > 0
 
+
 # ----------------------------------------------------------------------------------------------------------
 # Data: the readers, each giving (uint8 images (N, H, W, C), labels), and ImageNet-style folders
 
@@ -196,7 +177,8 @@ def read_fashion_mnist(args, train):
 
 def read_idx(path):
     """A gzipped IDX file (the MNIST format) as a uint8 tensor: two zero bytes, a type byte, the number of
-    dimensions, each size as a big-endian int32, then the data."""
+    dimensions, each size as a big-endian int32, then the data. (torchvision's reader takes only the
+    uncompressed files that its own download leaves.)"""
     try:
         raw = gzip.decompress(path.read_bytes())
         shape = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
@@ -207,17 +189,13 @@ def read_idx(path):
 
 
 def torchvision_split(cls, folder, args, train, fix):
-    """One split of a torchvision dataset in --data-dir, downloaded if its folder is missing there."""
-    root = Path(args.data_dir)
-    present = any(path.is_file() for path in (root / folder).rglob("*"))  # a failed download leaves folders
+    """One split of a torchvision dataset in --data-dir/folder; torchvision checks the files there and
+    downloads them where they are missing or damaged."""
     try:
-        return cls(root, train=train, download=not present)
+        return cls(args.data_dir, train=train, download=True)
     except (OSError, RuntimeError) as e:
-        if present:
-            raise UsageError(f"{root / folder} holds an incomplete or corrupt copy of {args.dataset} ({e}): "
-                             f"delete that folder to download it again") from None
-        raise UsageError(f"{args.dataset} is not in {root / folder} and could not be downloaded ({e}): "
-                         f"{fix}, or point --data-dir at the folder that holds {folder}/") from None
+        raise UsageError(f"{args.dataset} is missing or damaged in {Path(args.data_dir) / folder} and could not be "
+                         f"downloaded ({e}): {fix}, or point --data-dir at the folder that holds {folder}/") from None
 
 
 def make_synthetic(args, train):
@@ -246,16 +224,15 @@ def balanced_subset(labels, n, num_classes):
     return torch.cat(picks).sort().values
 
 
-def epoch_order(n, batch_size, generator):
-    """A fresh shuffle of n images, cut into the epoch's global batches (steps, batch_size); the last,
-    incomplete batch is dropped. Each process trains on its own slice of every batch."""
-    return torch.randperm(n, generator=generator)[: n // batch_size * batch_size].view(-1, batch_size)
-
-
-def epoch_generator(args, epoch):
-    """The epoch's random order and augmentation depend on (seed, epoch) only, so that a run resumed in the
-    middle of an epoch sees the same batches as one never stopped."""
-    return torch.Generator().manual_seed(args.seed * 10_000 + epoch)
+def epoch_batches(args, epoch, start, n, rank, world):
+    """This process's slice of each global batch of the epoch, from step `start` on: image indices (steps,
+    batch_size // world), and the epoch's generator, which draws the rest of its randomness. A fresh shuffle
+    of the n images that depends on (seed, epoch) only, so that a run resumed in the middle of an epoch sees
+    the same batches as one never stopped; the last, incomplete batch is dropped."""
+    g = torch.Generator().manual_seed(args.seed * 10_000 + epoch)
+    order = torch.randperm(n, generator=g)[: n // args.batch_size * args.batch_size].view(-1, args.batch_size)
+    local = args.batch_size // world
+    return order[start:, rank * local:(rank + 1) * local], g
 
 
 def to_model_input(images, mean, std):
@@ -300,11 +277,17 @@ class FolderData:
         self.local_batch = args.batch_size // world
         self.steps_per_epoch = self.num_train // args.batch_size
 
-    def loader(self, dataset, batches, seed):
-        return DataLoader(dataset, batch_sampler=batches, num_workers=self.args.workers,
-                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+    def train_batches(self, epoch, start=0):
+        mine, g = epoch_batches(self.args, epoch, start, self.num_train, self.rank, self.world)
+        return self.batches(self.train_set, mine.tolist(), seed=g.initial_seed())
 
-    def batches(self, loader):
+    def test_batches(self):
+        mine = torch.arange(self.rank, self.num_test, self.world).split(2 * self.local_batch)
+        return self.batches(self.test_set, [ids.tolist() for ids in mine], seed=0)
+
+    def batches(self, dataset, batches, seed):
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.args.workers,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
         try:
             for images, labels in loader:  # (B, C, H, W) uint8
                 images = images.to(self.device, non_blocking=True).permute(0, 2, 3, 1)  # (B, H, W, C)
@@ -312,66 +295,71 @@ class FolderData:
         except UsageError as e:  # from a worker, the message comes after the worker's traceback
             raise UsageError(str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
 
-    def train_batches(self, epoch, start=0):
-        g = epoch_generator(self.args, epoch)
-        order = epoch_order(self.num_train, self.args.batch_size, g)
-        mine = order[start:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch]
-        return self.batches(self.loader(self.train_set, mine.tolist(), seed=g.initial_seed()))
-
-    def test_batches(self):
-        mine = torch.arange(self.rank, self.num_test, self.world).split(2 * self.local_batch)
-        return self.batches(self.loader(self.test_set, [ids.tolist() for ids in mine], seed=0))
-
 
 def read_image(path):
     """An image file as an RGB PIL image (torchvision's default loader), or an error that names the file."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return datasets.folder.pil_loader(path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path} cannot be read as an image ({first_line(e)}): remove or replace it, then run "
                          f"again (--resume continues from the last checkpoint, if there is one)") from None
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The bookkeeping of a run
 
 
 class Tracker:
-    """Everything around the training loop that its reader need not follow. Where the run stands (the next
-    epoch and step, the metrics so far, the best test accuracy, and the accumulators of an epoch stopped half
-    way), so that a run stopped anywhere continues exactly; the loss and correct guesses of every step, kept
-    on the device so that a step never waits for the GPU; every `log_every` steps, on every process at the
-    same step, one sync to check for NaN, log, show progress and agree on stopping; time counted twice, wall
-    seconds and the CPU-seconds the processes spent (which other jobs on a shared machine inflate far less);
-    and at the end of every epoch the metrics row, last.pt and best.pt, the CSVs and the plot.
-
-    As a context manager it holds the run folder's lock and turns Ctrl-C and SIGTERM into a clean stop."""
+    """Everything around the training loop that its reader need not follow. It keeps `progress` (train_minimal's
+    `run` says what it holds), so that a run stopped anywhere continues exactly; the loss and correct guesses
+    of every step, on the device, so that a step never waits for the GPU; and two clocks, wall seconds and
+    the CPU-seconds that the processes spend training. Every `log_every` steps, at the same step on every
+    process, one sync checks for NaN, logs, shows progress and agrees on stopping; every epoch ends with its
+    metrics row, last.pt (and best.pt), the CSVs and the plot. As a context manager it holds the run folder's
+    lock and turns Ctrl-C and SIGTERM into a clean stop."""
 
     def __init__(self, args, out, data, device, rank, world, progress, log_every, state):
         self.args, self.out, self.data, self.device, self.rank, self.world = args, out, data, device, rank, world
         self.progress, self.log_every, self.steps = progress, log_every, data.steps_per_epoch
         self.state = state  # model, optimizer, scheduler, scaler, ema: what a checkpoint holds
-        self.estimated = False  # the cost of the whole run is estimated once, after the first steps
 
     def __enter__(self):
-        self.stack = ExitStack()
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.stack.enter_context(folder_lock(self.out))
-            progress = self.progress
-            if self.args.overwrite and not self.args.resume:  # no file of the replaced run may outlive it
-                for name in [*RUN_FILES, "curves.png"]:
-                    (self.out / name).unlink(missing_ok=True)
-            if progress["history"]:  # a resumed run: finish what a stop after last.pt left unwritten
-                best = progress["best"]
-                if best and progress["step"] == 0 and best["epoch"] == progress["epoch"] - 1:
-                    copy_atomically(self.out / "last.pt", self.out / "best.pt")  # last.pt is the best state
-                write_records(self.out, progress, self.log_every)
-        self.interrupt = self.stack.enter_context(stop_on_signal())
+        with ExitStack() as stack:  # what is held is let go again if anything below fails
+            if self.rank == 0:
+                self.out.mkdir(parents=True, exist_ok=True)
+                lock = stack.enter_context(open(self.out / ".lock", "w"))
+                if fcntl is not None:  # POSIX; on Windows the folder is not locked
+                    try:  # held until the file closes; the operating system drops it when the process ends
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        raise UsageError(f"another process is writing into {self.out}: wait for it to end, or "
+                                         f"choose another --out") from None
+                progress = self.progress
+                if self.args.overwrite and not self.args.resume:  # no file of the replaced run may outlive it
+                    for name in [*RUN_FILES, "curves.png"]:
+                        (self.out / name).unlink(missing_ok=True)
+                if progress["history"]:  # a resumed run: finish what a stop after last.pt left unwritten
+                    best = progress["best"]
+                    if best and progress["step"] == 0 and best["epoch"] == progress["epoch"] - 1:
+                        copy_atomically(self.out / "last.pt", self.out / "best.pt")  # last.pt is the best state
+                    write_records(self.out, progress, self.log_every)
+            self.requested = None  # set by the first Ctrl-C or SIGTERM: "Ctrl-C" or "SIGTERM"
+            self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            for s, handler in self.previous.items():
+                signal.signal(s, self.request)
+                stack.callback(signal.signal, s, handler)
+            self.stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
         return self.stack.__exit__(*exc)
+
+    def request(self, signum, frame):
+        """The first Ctrl-C (SIGINT) or SIGTERM (what schedulers and `kill` send) asks the loop to stop
+        between two steps, so that no step is left half done; a second one interrupts at once."""
+        self.requested = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def start_epoch(self, epoch):
         """Fresh accumulators for `epoch`, or, in the epoch a stopped run continues, the ones it saved; the
@@ -389,91 +377,92 @@ class Tracker:
         return self.start
 
     def bar(self, batches):
-        """(step, batch) for the epoch's batches, under a progress bar; times the training pass."""
-        self.progress_bar = tqdm(batches, total=self.steps, initial=self.start, unit="step",
+        """(step, batch) for the epoch's batches; times the training pass. The progress bar counts the steps of
+        the whole run, so that tqdm's estimate of the time left is the run's."""
+        self.progress_bar = tqdm(batches, total=self.args.epochs * self.steps,
+                                 initial=(self.epoch - 1) * self.steps + self.start, unit="step",
                                  desc=f"epoch {self.epoch}/{self.args.epochs}", disable=self.rank != 0, leave=False,
                                  dynamic_ncols=True)
         self.tick, self.cpu_tick = time.perf_counter(), time.process_time()
         yield from enumerate(self.progress_bar, self.start)  # the bar closes itself on an error
         self.progress_bar.close()
-        self.train_seconds += time.perf_counter() - self.tick
-        self.train_cpu += time.process_time() - self.cpu_tick
+        self.train_seconds, self.train_cpu = self.clocks()
         self.tick = time.perf_counter()  # testing starts
+
+    def clocks(self):
+        """(wall seconds, CPU-seconds of this process) that the epoch has spent training so far."""
+        return (self.train_seconds + time.perf_counter() - self.tick,
+                self.train_cpu + time.process_time() - self.cpu_tick)
 
     def update(self, step, loss, logits, labels, lr):
         """Record a step; every log_every steps and at the end of the epoch, check, log and maybe stop."""
-        args, device, world, steps, epoch = self.args, self.device, self.world, self.steps, self.epoch
-        losses, hits, progress, self.lr = self.losses, self.hits, self.progress, lr
-        losses[step] = loss.detach()
-        hits[step] = (logits.argmax(1) == labels).sum()
+        epoch, steps, self.lr = self.epoch, self.steps, lr
+        self.losses[step] = loss.detach()
+        self.hits[step] = (logits.argmax(1) == labels).sum()
         log_now = (step + 1) % self.log_every == 0 or step + 1 == steps
-        alone_and_stopped = world == 1 and bool(self.interrupt["requested"])  # several processes agree first
-        if not log_now and not alone_and_stopped:
+        if not log_now and not (self.world == 1 and self.requested):  # several processes agree on stopping first
             return
 
-        seen = all_sum(losses[:step + 1]) / world
+        seen = all_sum(self.losses[:step + 1]) / self.world
         bad = (~torch.isfinite(seen)).nonzero()
         if len(bad):
-            self.progress_bar.close()
             s = bad[0].item()
-            raise Diverged(f"the training loss was {seen[s].item()} at epoch {epoch}, step {s + 1} of "
-                           f"{steps} (step {(epoch - 1) * steps + s + 1} of the run), so the run stopped; "
-                           f"{describe_last(progress, self.out)} Try a lower --lr, or --amp bf16 or off.")
-        if anyone(not finite(self.state["model"]), device):  # the last update can break the weights after a good loss
-            self.progress_bar.close()
-            raise Diverged(f"the weights became NaN or infinite by epoch {epoch}, step {step + 1} of "
-                           f"{steps}, so the run stopped; {describe_last(progress, self.out)} Try a lower --lr.")
-        now, cpu_now = time.perf_counter(), time.process_time()
-        cpu_run = self.cpu_before + all_sum(
-            torch.tensor(self.train_cpu + cpu_now - self.cpu_tick, device=device)).item()
+            self.diverged(f"the training loss was {seen[s].item()} at epoch {epoch}, step {s + 1} of {steps} "
+                          f"(step {(epoch - 1) * steps + s + 1} of the run)", "a lower --lr, or --amp bf16 or off")
+        weights = torch.stack([p.detach().sum() for p in self.state["model"].parameters()])  # NaN or inf: sums so
+        if anyone(not weights.isfinite().all().item(), self.device):  # the last update can break good weights
+            self.diverged(f"the weights became NaN or infinite by epoch {epoch}, step {step + 1} of {steps}",
+                          "a lower --lr")
+        seconds, cpu = self.clocks()
+        cpu_run = self.cpu_before + all_sum(torch.tensor(cpu, device=self.device)).item()
         if log_now:  # the mean loss and accuracy of the last log_every steps, for curves within an epoch
             first = step - step % self.log_every
-            progress["log"].append({
+            self.progress["log"].append({
                 "step": (epoch - 1) * steps + step + 1, "epoch": round(epoch - 1 + (step + 1) / steps, 4),
-                "lr": lr, "train_loss": seen[first:].mean().item(),
-                "train_acc1": self.top1(first, step + 1),
+                "lr": lr, "train_loss": seen[first:].mean().item(), "train_acc1": self.top1(first, step + 1),
                 "cpu_seconds": round(cpu_run, 2)})
-        self.progress_bar.set_postfix(
-            loss=f"{seen.mean().item():.3f}",
-            acc=f"{self.top1(0, step + 1):.1f}%",
-            img_s=f"{(step + 1 - self.start) * args.batch_size / (now - self.tick):,.0f}",
-            cpu=f"{cpu_run / 60:.1f} min")
-        done = step + 1 - self.start
-        if self.rank == 0 and not self.estimated and done >= 2 * self.log_every:
-            self.estimated = True
-            tqdm.write(estimate(args, device, steps, (epoch - 1) * steps + step + 1, (now - self.tick) / done,
-                                world * (cpu_now - self.cpu_tick) / done))
-        if anyone(bool(self.interrupt["requested"]), device) and step + 1 < steps:
+        self.progress_bar.set_postfix(loss=f"{seen.mean().item():.3f}", acc=f"{self.top1(0, step + 1):.1f}%",
+                                      cpu=f"{cpu_run / 60:.1f} min")
+        if anyone(bool(self.requested), self.device) and step + 1 < steps:
             self.progress_bar.close()
-            partial = {"losses": losses[:step + 1].cpu(), "hits": hits[:step + 1].cpu(),
-                       "seconds": self.train_seconds + now - self.tick,
-                       "cpu_seconds": self.train_cpu + cpu_now - self.cpu_tick}
-            progress.update(epoch=epoch, step=step + 1, partial=partial)
+            partial = {"losses": self.losses[:step + 1].cpu(), "hits": self.hits[:step + 1].cpu(),
+                       "seconds": seconds, "cpu_seconds": cpu}
+            self.progress.update(epoch=epoch, step=step + 1, partial=partial)
             self.save()
             raise KeyboardInterrupt(stopped_message(self.out, f"epoch {epoch}, step {step + 1} of {steps}",
-                                                    self.interrupt["requested"]))
+                                                    self.requested))
 
     def top1(self, first, last):
         """Training top-1 in % over steps first..last-1 of the epoch, all processes together."""
         return 100 * all_sum(self.hits[first:last]).sum().item() / ((last - first) * self.args.batch_size)
 
+    def diverged(self, what, fix):
+        """Stop the run with exit code 3, saying what last.pt holds (`progress` changes only when a checkpoint
+        is written or read)."""
+        self.progress_bar.close()
+        epoch, step = self.progress["epoch"], self.progress["step"]
+        if (epoch, step) == (1, 0):
+            last = "no checkpoint had been written yet."
+        else:
+            where = f"epoch {epoch}, step {step}" if step else f"the end of epoch {epoch - 1}"
+            last = f"{self.out / 'last.pt'} still holds {where}, the last good state."
+        raise Diverged(f"{what}, so the run stopped; {last} Try {fix}.")
+
     def end_epoch(self, epoch, test_loss, test_acc1):
         """The epoch's metrics row, last.pt (and best.pt when the test accuracy is the best so far), the
         records; then stop here if Ctrl-C or SIGTERM came during the epoch."""
-        args, out, device, world, progress = self.args, self.out, self.device, self.world, self.progress
+        out, world, progress = self.out, self.world, self.progress
         if test_loss is not None and not math.isfinite(test_loss):
-            raise Diverged(f"the test loss after epoch {epoch} was {test_loss}, so the run stopped; "
-                           f"{describe_last(progress, out)} Try a lower --lr, or --amp bf16 or off.")
+            self.diverged(f"the test loss after epoch {epoch} was {test_loss}", "a lower --lr, or --amp bf16 or off")
         row = {"epoch": epoch, "lr": self.lr, "train_loss": (all_sum(self.losses) / world).mean().item(),
                "train_acc1": self.top1(0, self.steps),
                "test_loss": test_loss, "test_acc1": test_acc1,
-               "img_per_s": self.steps * args.batch_size / self.train_seconds,
+               "img_per_s": self.steps * self.args.batch_size / self.train_seconds,
                "seconds": self.train_seconds + time.perf_counter() - self.tick,
-               "cpu_seconds": all_sum(torch.tensor(self.train_cpu, device=device)).item()}
+               "cpu_seconds": all_sum(torch.tensor(self.train_cpu, device=self.device)).item()}
         progress["history"].append(row)
         progress.update(epoch=epoch + 1, step=0, partial=None)
-        best = progress["best"]
-        improved = test_acc1 is not None and (best is None or test_acc1 > best["test_acc1"])
+        improved = test_acc1 is not None and (progress["best"] is None or test_acc1 > progress["best"]["test_acc1"])
         if improved:
             progress["best"] = {"epoch": epoch, "test_acc1": test_acc1}
         self.save()
@@ -481,58 +470,49 @@ class Tracker:
             if improved:
                 copy_atomically(out / "last.pt", out / "best.pt")
             write_records(out, progress, self.log_every)
-            print(describe_epoch(row, args.epochs, progress["history"]))
-        if anyone(bool(self.interrupt["requested"]), device) and epoch < args.epochs:
-            raise KeyboardInterrupt(stopped_message(out, f"the end of epoch {epoch}", self.interrupt["requested"]))
+            test = "" if test_acc1 is None else f" | test loss {test_loss:.3f} top-1 {test_acc1:.2f}%"
+            print(f"epoch {epoch}/{self.args.epochs} | lr {self.lr:.2e} | train loss {row['train_loss']:.3f} top-1 "
+                  f"{row['train_acc1']:.2f}%{test} | {row['img_per_s']:,.0f} img/s | {row['seconds']:.1f} s | "
+                  f"{sum(r['cpu_seconds'] for r in progress['history']) / 60:.1f} CPU-min of training so far")
+        if anyone(bool(self.requested), self.device) and epoch < self.args.epochs:
+            raise KeyboardInterrupt(stopped_message(out, f"the end of epoch {epoch}", self.requested))
 
     def save(self):
-        """last.pt, written by the first process, with the random state of every process."""
-        rng = [rng_state()]
+        """last.pt, written by the first process: everything that the next step depends on, as tensors and
+        plain Python values (weights_only loads it), with the random state of every process."""
+        mine = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng = [mine]
         if self.world > 1:
             rng = [None] * self.world
-            dist.all_gather_object(rng, rng_state())
+            dist.all_gather_object(rng, mine)
         if self.rank == 0:
-            s = self.state
-            save_checkpoint(self.out / "last.pt", self.args, s["model"], s["optimizer"], s["scheduler"], s["scaler"],
-                            s["ema"], self.progress, self.data, rng)
+            model, data = self.state["model"], self.data
+            state = {"config": vars(self.args), "progress": self.progress, "rng": rng,
+                     **{name: part.state_dict() if part is not None else None for name, part in self.state.items()},
+                     "normalisation": {"mean": data.mean.cpu(), "std": data.std.cpu()},  # to use the model elsewhere
+                     "model_config": dataclasses.asdict(model.cfg) if isinstance(model, uninext.UniNeXt) else None}
+            replace_atomically(self.out / "last.pt", lambda tmp: torch.save(state, tmp))
 
     def finish(self, n_params, amp):
         """The summary of the run, also written to summary.json."""
-        summary = summarise(self.args, self.progress, self.data, n_params, amp, self.device, self.world)
+        args, history, best = self.args, self.progress["history"], self.progress["best"]
+        summary = {
+            "dataset": args.dataset, "model": args.model,
+            **({"mixer": args.mixer, "arch": args.arch, "size": args.size} if args.model == "uninext" else {}),
+            "epochs": history[-1]["epoch"], "test_acc1": history[-1]["test_acc1"],
+            "test_loss": history[-1]["test_loss"], "best_test_acc1": best["test_acc1"], "best_epoch": best["epoch"],
+            "train_images": self.data.num_train, "test_images": self.data.num_test, "params": n_params,
+            "seconds": sum(r["seconds"] for r in history), "cpu_seconds": sum(r["cpu_seconds"] for r in history),
+            "img_per_s": sorted(r["img_per_s"] for r in history)[len(history) // 2],  # the median epoch's
+            "device": device_name(self.device, self.world), "amp": amp, "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "config": vars(args)}
         if self.rank == 0:
             text = json.dumps(summary, indent=2, allow_nan=False)  # strict JSON: a NaN would be an error here
             replace_atomically(self.out / "summary.json", lambda tmp: tmp.write_text(text))
             print(f"done: test top-1 {summary['test_acc1']:.2f}% after {self.args.epochs} epochs, "
                   f"{summary['seconds'] / 60:.1f} min, {summary['img_per_s']:,.0f} img/s | {self.out}")
         return summary
-
-
-@torch.no_grad()
-def finite(model):
-    """Whether every weight is a finite number (one sync: a tensor with a NaN or an infinity sums to one)."""
-    return torch.stack([p.sum() for p in model.parameters()]).isfinite().all().item()
-
-
-@contextmanager
-def stop_on_signal():
-    """Turn the first Ctrl-C (SIGINT) or SIGTERM (what schedulers and `kill` send) into a request
-    (`interrupt["requested"]`: what was received) that the loop honours between steps, so that no step is
-    left half done; a second one interrupts at once."""
-    interrupt = {"requested": None}
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def request(signum, frame):
-        interrupt["requested"] = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-    for s in previous:
-        signal.signal(s, request)
-    try:
-        yield interrupt
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def describe_run(args, data, n_params, amp, device, world):
@@ -568,76 +548,13 @@ def cpu_model():
     return platform.processor() or "an unknown processor"
 
 
-def describe_epoch(row, epochs, history):
-    test = "" if row["test_acc1"] is None else f" | test loss {row['test_loss']:.3f} top-1 {row['test_acc1']:.2f}%"
-    left = (epochs - row["epoch"]) * sum(r["seconds"] for r in history) / len(history)
-    cpu = sum(r["cpu_seconds"] for r in history)
-    return (f"epoch {row['epoch']}/{epochs} | lr {row['lr']:.2e} | train loss {row['train_loss']:.3f} "
-            f"top-1 {row['train_acc1']:.2f}%{test} | {row['img_per_s']:,.0f} img/s | {row['seconds']:.1f} s"
-            f" | {cpu / 60:.1f} CPU-min of training so far | {left / 60:.1f} min left")
-
-
-def estimate(args, device, steps_per_epoch, done, seconds_per_step, cpu_per_step):
-    """What the whole run will cost at the speed of its first steps (CPU time: of all processes), said once
-    near the start, with a shorter run to try when a CPU would take hours."""
-    left = args.epochs * steps_per_epoch - done
-    text = (f"the whole run, {args.epochs} x {steps_per_epoch:,} steps: about {left * seconds_per_step / 60:,.1f} "
-            f"min more ({left * cpu_per_step / 60:,.1f} CPU-min) at the speed of the first steps")
-    if device.type == "cpu" and left * cpu_per_step > 3600:
-        epoch_cost = steps_per_epoch * cpu_per_step
-        fit = max(1, int(15 * 60 / epoch_cost))  # epochs in about a quarter of an hour
-        smaller = " (--size N32 costs several times less than T32)" if args.model == "uninext" and \
-            args.size != "N32" else ""
-        text += (f". That is long for a CPU: --epochs {fit} would take about {fit * epoch_cost / 60:.0f} "
-                 f"CPU-min{smaller}. Ctrl-C stops this run and --resume continues it")
-    return text
-
-
-def describe_last(progress, out):
-    """What last.pt holds: `progress` changes only when a checkpoint is written (or read)."""
-    epoch, step = progress["epoch"], progress["step"]
-    if (epoch, step) == (1, 0):
-        return "no checkpoint had been written yet."
-    where = f"epoch {epoch}, step {step}" if step else f"the end of epoch {epoch - 1}"
-    return f"{out / 'last.pt'} still holds {where}, the last good state."
-
-
 def stopped_message(out, where, why):
     return (f"stopped by {why or 'another process'} at {where}, saved in {out / 'last.pt'}; continue with:\n"
             f"    python train_minimal.py --resume {shlex.quote(str(out))}")
 
 
-def summarise(args, progress, data, n_params, amp, device, world):
-    history, last = progress["history"], progress["history"][-1]
-    rates = sorted(r["img_per_s"] for r in history)
-    return {
-        "dataset": args.dataset, "model": args.model,
-        **({"mixer": args.mixer, "arch": args.arch, "size": args.size} if args.model == "uninext" else {}),
-        "epochs": last["epoch"], "test_acc1": last["test_acc1"], "test_loss": last["test_loss"],
-        "best_test_acc1": progress["best"]["test_acc1"], "best_epoch": progress["best"]["epoch"],
-        "train_images": data.num_train, "test_images": data.num_test, "params": n_params,
-        "seconds": sum(r["seconds"] for r in history), "cpu_seconds": sum(r["cpu_seconds"] for r in history),
-        "img_per_s": rates[len(rates) // 2],
-        "device": device_name(device, world), "amp": amp, "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "config": vars(args),
-    }
-
 # ----------------------------------------------------------------------------------------------------------
 # Saving and resuming
-
-
-@contextmanager
-def folder_lock(out):
-    """An exclusive lock on out/.lock while the block runs (the operating system also drops it when the
-    process ends, however it ends), so that two runs never write into one folder."""
-    with open(out / ".lock", "w") as handle:
-        if fcntl is not None:  # POSIX; on Windows the folder is not locked
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UsageError(f"another process is writing into {out}: wait for it to end, or choose "
-                                 f"another --out") from None
-        yield
 
 
 def replace_atomically(path, write):
@@ -659,25 +576,6 @@ def copy_atomically(source, target):
     replace_atomically(target, lambda tmp: tmp.write_bytes(source.read_bytes()))
 
 
-def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def save_checkpoint(path, args, model, optimizer, scheduler, scaler, ema, progress, data, rng):
-    """Everything that the next step depends on, as tensors and plain Python values (weights_only loads it);
-    `rng`: the random state of each process."""
-    state = {
-        "config": vars(args), "progress": progress,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-        "rng": rng,
-        "normalisation": {"mean": data.mean.cpu(), "std": data.std.cpu()},  # to use the model elsewhere
-        "model_config": dataclasses.asdict(model.cfg) if isinstance(model, uninext.UniNeXt) else None,
-    }
-    replace_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
 def read_checkpoint(path, typical):
     """A checkpoint, read as data: weights_only=True unpickles tensors and plain Python values, never code.
     `typical`: the options of a run, whose types the stored ones must have."""
@@ -690,32 +588,20 @@ def read_checkpoint(path, typical):
         raise UsageError(f"{problem} ({first_line(e)}); best.pt beside it may still be good") from None
     if not (isinstance(checkpoint, dict) and {"config", "model", "progress"} <= checkpoint.keys()):
         raise UsageError(f"{problem} (it holds other data); best.pt beside it may still be good")
-    wrong = malformed(checkpoint, typical)
-    if wrong:
-        raise UsageError(f"{problem} ({wrong} of the wrong type: was it edited by hand?); best.pt beside it may "
-                         f"still be good")
-    return checkpoint
-
-
-def malformed(checkpoint, typical):
-    """The first field of a checkpoint's configuration or progress record whose type is not what a run
-    writes, or None."""
     config, progress = checkpoint["config"], checkpoint["progress"]
     if not (isinstance(config, dict) and isinstance(progress, dict)):
-        return "the configuration or the progress record"
-    for key, value in config.items():
-        want = type(typical.get(key))
-        if want is not type(None) and value is not None and not (
-                type(value) is want or (want is float and type(value) is int)):
-            return f"option {key}"
-    shapes = {"epoch": int, "step": int, "history": list, "log": list, "best": (dict, type(None)),
-              "partial": (dict, type(None))}
-    for key, kind in shapes.items():
-        if key in progress and (not isinstance(progress[key], kind) or isinstance(progress[key], bool)):
-            return f"progress field {key}"
-    if not all(isinstance(r, dict) and set(METRICS) <= r.keys() for r in progress.get("history", [])):
-        return "a row of the history"
-    return None
+        raise UsageError(f"{problem} (it holds other data); best.pt beside it may still be good")
+    # Each stored value has the type that a run writes (a float may be stored as an int), or is None if unset.
+    wrong = [f"option {k}" for k, v in config.items() if v is not None and typical.get(k) is not None
+             and type(v) not in ((float, int) if type(typical[k]) is float else (type(typical[k]),))]
+    wrong += [f"progress field {k}" for k, kinds in PROGRESS.items()
+              if k in progress and type(progress[k]) not in kinds]
+    if not wrong and not all(isinstance(r, dict) and set(METRICS) <= r.keys() for r in progress.get("history", [])):
+        wrong = ["a row of the history"]
+    if wrong:
+        raise UsageError(f"{problem} ({wrong[0]} of the wrong type: was it edited by hand?); best.pt beside it "
+                         f"may still be good")
+    return checkpoint
 
 
 def first_line(error):
@@ -740,20 +626,15 @@ def check_config(stored, args, path):
                          f"new run with another --out")
 
 
-def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress, rank=0):
-    """Put every piece of a run back as it was when the checkpoint was written; process `rank` gets its own
-    random state back."""
+def restore(checkpoint, state, progress, rank=0):
+    """Put every piece of a run (`state`: model, optimizer, scheduler, scaler, EMA; `progress`) back as it was
+    when the checkpoint was written; process `rank` gets its own random state back."""
     try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint["scaler"]:  # empty when it was saved without fp16
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None:
-            ema.load_state_dict(checkpoint["ema"])
+        for name, part in state.items():
+            if part is not None and checkpoint[name]:  # the scaler's is empty when it was saved without fp16
+                part.load_state_dict(checkpoint[name])
         progress.update(checkpoint["progress"])
         states = checkpoint["rng"]
-        states = [states] if isinstance(states, dict) else states  # earlier versions kept the first process's
         if rank < len(states):  # a process added since the checkpoint keeps the stream it was seeded with
             random.setstate(states[rank]["python"])
             torch.set_rng_state(states[rank]["torch"])
@@ -765,6 +646,7 @@ def restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress, rank
 
 
 def write_records(out, progress, log_every):
+    """metrics.csv, steps.csv and curves.png, from the run's progress."""
     write_csv(out / "metrics.csv", METRICS, progress["history"])
     write_csv(out / "steps.csv", STEP_METRICS, progress["log"])
     plot_curves(out, progress["history"], progress["log"], log_every)

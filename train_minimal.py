@@ -15,36 +15,24 @@ Two budgets, picked by the device. On a CUDA GPU the defaults train the intended
 deserves (T32, 100 epochs, batch 128, lr 1e-3, random crop, drop path 0.1). On a CPU, and on a Mac's GPU
 (MPS), they give a run a person waits for (N32, 2 epochs at batch 64 and lr 2e-3, flip only, no drop path):
 on Fashion-MNIST, 90.85% top-1 in 9.4 CPU-minutes, and `--model cnn` 91.37% in 4.5 (one thread of a 2-core
-AMD EPYC, PyTorch 2.14.1: experiments/results/quick_start/). Any option given overrides its default.
-The recipe around that, for 5k-60k images of 32x32 (the ImageNet one is made for 1.3M images and 300
-epochs):
-    AdamW, weight decay 0.05 on weight matrices and kernels only (not on position encodings); --batch-size
-        is the global batch, so any number of GPUs takes the same steps. (1e-3 at batch 1024 is the
-        authors' ImageNet rate, 5e-4 per 512 images, for imagefolder.)
-    every residual branch's last layer starts at zero (--zero-init-residual): each block starts as the
-        identity and grows in, which trains faster in short runs; an initialisation, not an architecture
-        change (the parameters are the authors')
-    linear warm-up over the first 5% of the steps, then cosine decay to zero (LinearLR + CosineAnnealingLR):
-        LayerNorm and attention networks stall or diverge when they start at full rate
-    label smoothing 0.1; drop path and the random crop (4 pixels of zero padding) only for long runs: in
-        runs of a few epochs the model underfits, and augmentation only slows it down
-    horizontal flip, the standard for CIFAR and Fashion-MNIST
-The evidence for each of these (what was predicted, what was measured) is in experiments/results/recipe_notes.md. The
-weight EMA (--ema) and Mixup/CutMix (--mixup, --cutmix) are off: in short runs they cost accuracy; DeiT-style
-recipes use them over hundreds of epochs.
+AMD EPYC, PyTorch 2.14.1: experiments/results/quick_start/). Any option given overrides its default. Around
+them, a recipe for 5k-60k images of 32x32: AdamW (`build_optimizer`), residual branches that start at zero
+(`zero_init_residual`), warm-up then cosine decay (`build_scheduler`), label smoothing 0.1, the horizontal
+flip; drop path and the random crop only for long runs, since in a few epochs the model underfits and
+augmentation only slows it down; the weight EMA and Mixup/CutMix off, as they cost accuracy in short runs.
+What was predicted and measured for each: experiments/results/recipe_notes.md. (The authors' ImageNet rate,
+for imagefolder: lr 1e-3 at batch 1024.)
 
 Speed. CIFAR and Fashion-MNIST live on the device as uint8 tensors and are cropped and flipped there, a
 whole batch at once (`crop_flip`), so a GPU never waits on Colab's two CPU cores. On a CUDA GPU the model
 runs in bf16 autocast (fp16 with a GradScaler where bf16 is missing), `--compile` adds torch.compile.
 imagefolder reads JPEGs through a DataLoader with --workers processes and torchvision.transforms.v2.
 
-A run leaves in --out (default runs/<dataset>-<mixer>-<arch>, runs/<dataset>-<model> for a baseline):
-metrics.csv, steps.csv, curves.png, last.pt, best.pt (chosen on the test set, so optimistic: report the
-last epoch) and summary.json. Ctrl-C saves last.pt and prints the command that resumes; a resumed run ends
-exactly as one never stopped. Exit codes: 0 done, 2 bad input, 3 NaN or infinite, 130 stopped. The
-machinery behind all this (checks, readers, resume, locks, the bookkeeping) is in train_helpers.py.
-
-Other scripts import this file: `train(build_parser().parse_args([...]))` returns the summary dict.
+A run leaves in --out: metrics.csv, steps.csv, curves.png, last.pt, best.pt (chosen on the test set, so
+optimistic: report the last epoch) and summary.json. Ctrl-C or SIGTERM saves last.pt and prints the command
+that resumes; a resumed run ends exactly as one never stopped. Exit codes: 0 done, 2 bad input, 3 NaN or
+infinite, 130 stopped. The machinery behind all this is in train_helpers.py. Other scripts import this
+file: `train(build_parser().parse_args([...]))` returns the summary dict.
 """
 
 import argparse
@@ -66,9 +54,9 @@ from torchvision.transforms import v2
 import uninext
 import train_helpers
 from train_helpers import (Diverged, FolderData, Tracker, UsageError, all_sum, balanced_subset, check_config,
-                           check_options, check_out, describe_run, device_name, epoch_generator, epoch_order,
-                           make_synthetic, mixed_precision, pick_device, read_cifar, read_fashion_mnist, restore,
-                           start_processes, to_model_input)
+                           check_options, check_out, describe_run, device_name, epoch_batches, make_synthetic,
+                           mixed_precision, pick_device, read_cifar, read_fashion_mnist, restore, start_processes,
+                           to_model_input)
 
 SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "synthetic": 10}  # name: classes
 DATASETS = [*SMALL_DATASETS, "imagefolder"]
@@ -91,6 +79,11 @@ LOG_EVERY = 20  # steps between progress updates and NaN checks (each syncs with
 # Arguments
 
 
+def by_device(name, what=""):
+    """Help text for an option whose default depends on the device."""
+    return f"{what} (default: {GPU_DEFAULTS[name]} on CUDA, {CPU_DEFAULTS[name]} on a CPU or MPS)".lstrip()
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="train_minimal.py",
                                 description="Train UniNeXt from scratch (see the docstring of train_minimal.py).")
@@ -102,14 +95,11 @@ def build_parser():
                        help="spatial token mixer (default: %(default)s)")
     model.add_argument("--arch", default="uninext", choices=list(uninext.ARCHS),
                        help="the general architecture around the mixer (default: %(default)s)")
-    model.add_argument("--size", choices=list(uninext.PRESETS),
-                       help="preset (default: T32 on CUDA, N32 on a CPU, T for imagefolder)")
+    model.add_argument("--size", choices=list(uninext.PRESETS), help=f"preset {by_device('size')}; T for imagefolder")
     for name, what in INGREDIENTS.items():
         model.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                            help=f"{what} (default: as --arch says)")
-    model.add_argument("--drop-path", type=float,
-                       help=f"stochastic depth rate (default: {GPU_DEFAULTS['drop_path']} on CUDA, "
-                            f"{CPU_DEFAULTS['drop_path']} on a CPU)")
+    model.add_argument("--drop-path", type=float, help=by_device("drop_path", "stochastic depth rate"))
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="cifar100", choices=DATASETS, help="(default: %(default)s)")
@@ -122,13 +112,9 @@ def build_parser():
                       help="DataLoader processes, imagefolder only (default: %(default)s)")
 
     recipe = p.add_argument_group("recipe")
-    recipe.add_argument("--epochs", type=int,
-                        help=f"(default: {GPU_DEFAULTS['epochs']} on CUDA, {CPU_DEFAULTS['epochs']} on a CPU)")
-    recipe.add_argument("--batch-size", type=int,
-                        help=f"images per step over all processes (default: {GPU_DEFAULTS['batch_size']} on a "
-                             f"GPU, {CPU_DEFAULTS['batch_size']} on a CPU)")
-    recipe.add_argument("--lr", type=float, help=f"AdamW's peak learning rate (default: {GPU_DEFAULTS['lr']} on a "
-                                                 f"GPU, {CPU_DEFAULTS['lr']} on a CPU)")
+    recipe.add_argument("--epochs", type=int, help=by_device("epochs"))
+    recipe.add_argument("--batch-size", type=int, help=by_device("batch_size", "images per step over all processes"))
+    recipe.add_argument("--lr", type=float, help=by_device("lr", "AdamW's peak learning rate"))
     recipe.add_argument("--weight-decay", type=float, default=0.05, help="(default: %(default)s)")
     recipe.add_argument("--clip-grad", type=float, metavar="NORM",
                         help="clip the global norm of the gradients to NORM (default: off; Swin clips at 5.0, "
@@ -139,9 +125,8 @@ def build_parser():
                         help="start every UniNeXt block as the identity: zero the last layer of each residual "
                              "branch (default: %(default)s)")
     recipe.add_argument("--crop", type=int, metavar="PIXELS",
-                        help=f"random crop of the image zero-padded by PIXELS on every side, 0 = none (flip only; "
-                             f"32x32 datasets) (default: {GPU_DEFAULTS['crop']} on CUDA, {CPU_DEFAULTS['crop']} on "
-                             f"a CPU)")
+                        help=by_device("crop", "random crop of the image zero-padded by PIXELS on every side, 0 = "
+                                               "none (flip only; 32x32 datasets)"))
     recipe.add_argument("--label-smoothing", type=float, default=0.1, help="(default: %(default)s)")
     recipe.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
                         help="Mixup with Beta(ALPHA, ALPHA), 0 = off; with --cutmix too, each batch gets one "
@@ -240,12 +225,10 @@ class TensorData:
     def train_batches(self, epoch, start=0):
         """The epoch's batches from step `start` on: this process's slice of each global batch, cropped and
         flipped, as (float images (B, C, H, W), labels (B,))."""
-        g = epoch_generator(self.args, epoch)
-        order = epoch_order(self.num_train, self.args.batch_size, g)  # (steps, batch_size)
+        mine, g = epoch_batches(self.args, epoch, start, self.num_train, self.rank, self.world)  # (steps, B)
         shifts = torch.randint(0, 2 * self.args.crop + 1, (self.num_train, 2), generator=g).to(self.device)
         flips = (torch.rand(self.num_train, generator=g) < 0.5).to(self.device)
-        mine = order[start:, self.rank * self.local_batch:(self.rank + 1) * self.local_batch].to(self.device)
-        for ids in mine:
+        for ids in mine.to(self.device):
             images = crop_flip(self.train_images[ids], shifts[ids], flips[ids], self.args.crop)
             yield to_model_input(images, self.mean, self.std), self.train_labels[ids]
 
@@ -312,7 +295,8 @@ def build_optimizer(model, args, device):
 
 
 def build_scheduler(optimizer, args, steps_per_epoch):
-    """Per step: linear warm-up from lr / warmup_steps to lr, then cosine decay to zero at the last step."""
+    """Per step: linear warm-up from lr / warmup_steps to lr (LayerNorm and attention networks stall or
+    diverge when they start at full rate), then cosine decay to zero at the last step."""
     total = args.epochs * steps_per_epoch
     warmup = max(1, round(args.warmup * total))
     return SequentialLR(optimizer, [LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup),
@@ -323,11 +307,8 @@ def build_scheduler(optimizer, args, steps_per_epoch):
 def build_mixing(args, num_classes):
     """Mixup and/or CutMix from torchvision.transforms.v2, applied to whole batches on the device (one of the
     two per batch when both are on), or None. They return soft (B, num_classes) targets."""
-    mixers = []
-    if args.mixup:
-        mixers.append(v2.MixUp(alpha=args.mixup, num_classes=num_classes))
-    if args.cutmix:
-        mixers.append(v2.CutMix(alpha=args.cutmix, num_classes=num_classes))
+    mixers = [mix(alpha=alpha, num_classes=num_classes)
+              for mix, alpha in [(v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)] if alpha]
     return v2.RandomChoice(mixers) if mixers else None
 
 
@@ -378,11 +359,12 @@ def run(args, checkpoint, rank, world, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = (lambda: torch.autocast(device.type, dtype)) if dtype else nullcontext
 
-    # Where the run stands: the next epoch and step, the metrics so far, the best test accuracy, and the
-    # accumulators of an epoch that was stopped half way.
+    # What a checkpoint holds, and where the run stands: the next epoch and step, the metrics so far, the best
+    # test accuracy, and the accumulators of an epoch that was stopped half way.
+    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
     progress = {"epoch": 1, "step": 0, "history": [], "log": [], "best": None, "partial": None}
     if checkpoint is not None:
-        restore(checkpoint, model, optimizer, scheduler, scaler, ema, progress, rank)
+        restore(checkpoint, state, progress, rank)
     judged = ema.module if ema else model  # the weights that are tested and reported
     if args.eval_only:
         test_loss, test_acc1 = evaluate(judged, data, autocast)
@@ -395,7 +377,6 @@ def run(args, checkpoint, rank, world, device):
     step_model = torch.compile(model) if args.compile else model
     if world > 1:
         step_model = DistributedDataParallel(step_model, device_ids=[device] if device.type == "cuda" else None)
-    state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
     with Tracker(args, out, data, device, rank, world, progress, LOG_EVERY, state) as tracker:
         if rank == 0:
             print(describe_run(args, data, n_params, amp, device, world))

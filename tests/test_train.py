@@ -345,16 +345,19 @@ def test_a_run_leaves_metrics_per_epoch_curves_checkpoints_and_a_summary(finishe
 def test_training_is_logged_every_few_steps_with_its_cpu_time_so_that_one_epoch_draws_a_curve(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tm, "LOG_EVERY", 2)
-    train(*TINY, "--epochs", "1", "--out", tmp_path / "run")  # 4 steps
-    steps, (epoch,) = metrics(tmp_path / "run", "steps.csv"), metrics(tmp_path / "run")
+    train(*TINY, "--epochs", "2", "--eval-every", "0", "--out", tmp_path / "run")  # 2 epochs of 4 steps
+    steps, (epoch, _) = metrics(tmp_path / "run", "steps.csv"), metrics(tmp_path / "run")
     assert list(steps[0]) == train_helpers.STEP_METRICS
-    assert [(r["step"], r["epoch"]) for r in steps] == [("2", "0.5"), ("4", "1.0")]
-    # each row is the mean of its two steps, so the two rows average to the epoch's mean
+    assert [(r["step"], r["epoch"]) for r in steps] == [("2", "0.5"), ("4", "1.0"), ("6", "1.5"), ("8", "2.0")]
+    # each row is the mean of its two steps, so the epoch's two rows average to the epoch's mean
     assert (float(steps[0]["train_loss"]) + float(steps[1]["train_loss"])) / 2 == pytest.approx(
         float(epoch["train_loss"]))
-    assert 0 < float(steps[0]["cpu_seconds"]) < float(steps[1]["cpu_seconds"])
+    assert 0 < float(steps[0]["cpu_seconds"]) < float(steps[1]["cpu_seconds"]) < float(steps[3]["cpu_seconds"])
     assert float(steps[1]["cpu_seconds"]) == pytest.approx(float(epoch["cpu_seconds"]), abs=0.5)
-    assert "the whole run, 1 x 4 steps: about" in capsys.readouterr().out  # its cost, said near its start
+    # The progress bar counts the steps of the whole run (epoch 2 opens at step 4 of 8), so that tqdm's
+    # estimate of the time left is the run's, said from its first steps on.
+    err = capsys.readouterr().err
+    assert "epoch 2/2:  50%" in err and "| 4/8 [" in err
 
 
 def test_eval_only_reproduces_the_final_test_accuracy_of_the_run(finished_run):
@@ -567,9 +570,9 @@ def test_a_new_run_never_replaces_a_run_unless_told_to(finished_run, tmp_path, c
 
     (run / "best.pt").write_bytes(b"stale")  # a file of the old run that the new one rewrites only at its end
     seen = []  # the folder's files whenever a checkpoint is about to be written
-    original = train_helpers.save_checkpoint
-    monkeypatch.setattr(train_helpers, "save_checkpoint", lambda *a: seen.append(sorted(f.name for f in run.iterdir()))
-                        or original(*a))
+    original = train_helpers.Tracker.save
+    monkeypatch.setattr(train_helpers.Tracker, "save", lambda self: seen.append(sorted(f.name for f in run.iterdir()))
+                        or original(self))
     train(*TINY, "--epochs", "1", "--eval-every", "0", "--out", run, "--overwrite")
     assert not {"best.pt", "summary.json", "metrics.csv"} & set(seen[0])  # gone before the first checkpoint
     assert len(metrics(run)) == 1
