@@ -1,7 +1,9 @@
-"""What train_minimal.py needs and a reader of its loop need not study, kept here so that the script reads as
-the recipe: the checks on options, devices and processes; the dataset readers; and the bookkeeping of a run
-(`Tracker`: exact resume, NaN checks, progress, Ctrl-C and SIGTERM, a locked run folder, files written
-atomically, metrics, curves, the summary). Nothing here imports train_minimal.py."""
+"""The machinery train_minimal.py needs and its reader need not study, apart so that the script reads as the recipe.
+
+The checks on options, devices and processes; the dataset readers; and the bookkeeping of a run (`Tracker`:
+exact resume, NaN checks, progress, Ctrl-C and SIGTERM, a locked run folder, files written atomically,
+metrics, curves, the summary). Nothing here imports train_minimal.py.
+"""
 
 import csv
 import dataclasses
@@ -409,8 +411,9 @@ class Tracker:
             s = bad[0].item()
             self.diverged(f"the training loss was {seen[s].item()} at epoch {epoch}, step {s + 1} of {steps} "
                           f"(step {(epoch - 1) * steps + s + 1} of the run)", "a lower --lr, or --amp bf16 or off")
-        weights = torch.stack([p.detach().sum() for p in self.state["model"].parameters()])  # NaN or inf: sums so
-        if anyone(not weights.isfinite().all().item(), self.device):  # the last update can break good weights
+        # The last update can break the weights after a good loss; a tensor with a NaN or an inf sums to one.
+        sums = torch.stack([p.detach().sum() for p in self.state["model"].parameters()])
+        if anyone(not sums.isfinite().all().item(), self.device):
             self.diverged(f"the weights became NaN or infinite by epoch {epoch}, step {step + 1} of {steps}",
                           "a lower --lr")
         seconds, cpu = self.clocks()
