@@ -6,7 +6,7 @@
 #
 #   bash experiments/benchmarks/gpu_check.sh             # on an H100 or H200; results in experiments/benchmarks/results
 #   OUT=DIR bash experiments/benchmarks/gpu_check.sh     # the same, results in DIR
-#   BUDGET=900 bash experiments/benchmarks/gpu_check.sh  # 15 minutes: every step gets its share of 900 s
+#   BUDGET=900 bash experiments/benchmarks/gpu_check.sh  # 15 minutes: the steps share 870 s instead of 510
 #   PYTHON=python bash experiments/benchmarks/gpu_check.sh   # another interpreter (default python3)
 #   bash experiments/benchmarks/gpu_check.sh --tiny      # any machine, no GPU needed: N32 at 32x32, 2 steps,
 #                                                        # compiled rows through dynamo's eager backend (no code
@@ -16,11 +16,12 @@
 # status 100, when there is no python with torch, when torch sees no CUDA device, or when the card lacks
 # native bf16 (every row is bf16 autocast); on a bf16 card that is not an H100 or H200 it warns and goes on,
 # since the rows stand but compare with the H200 anchors as ratios only. --tiny skips it.
-# Then the steps, most valuable first. Each has a share of BUDGET (in seconds at the default, scaled to any
-# other BUDGET). A step may use its own share and whatever the steps before it left unused, never the shares
-# of the steps after it, so the limits add up to BUDGET at most and a slow step costs only itself. Every step
-# writes its own files (bench.py rewrites its JSON after each row), so what finished is kept when a later
-# step, or the rest of a step, is cut off. Share, step, what it measures:
+# Then the steps, most valuable first. Each has a share of BUDGET: the seconds below at the default; the
+# preflight keeps its 30 s under any BUDGET and the other steps share the rest in the same proportions. A
+# step may use its own share and whatever the steps before it left unused, never the shares of the steps
+# after it, so the limits add up to BUDGET at most and a slow step costs only itself. Every step writes its
+# own files (bench.py rewrites its JSON after each row), so what finished is kept when a later step, or the
+# rest of a step, is cut off. Share, step, what it measures:
 #   30  preflight        the card, torch, the driver
 #   45  checks           gpu_checks.py kernels: the fused SDPA kernel on the window path, the recompile count
 #   75  eager            T window/cswin/conv/pool/pvt at 224: batch 128 training, batch 256 inference, eager
@@ -45,6 +46,10 @@ here=experiments/benchmarks
 py=${PYTHON:-python3}
 out=${OUT:-$here/results}
 budget=${BUDGET:-540}
+if ! [ "$budget" -ge 120 ] 2> /dev/null; then
+    echo "gpu_check: BUDGET must be a whole number of seconds, at least 120 (got '$budget')"
+    exit 2
+fi
 tiny=$([ "${1:-}" = "--tiny" ] && echo 1 || echo 0)
 export PYTHONUNBUFFERED=1  # a step cut off by its time limit keeps its printed lines
 mkdir -p "$out"
@@ -93,8 +98,8 @@ declare -A command=(
 )
 names=(preflight checks eager block t32 profile_model profile_block block_others candidates candidates_compiled table)
 shares=(30 45 75 110 90 25 20 90 20 20 15)  # seconds at the default BUDGET of 540, as listed above
-scaled=()
-for share in "${shares[@]}"; do scaled+=($((share * budget / 540))); done
+scaled=(30)  # the preflight's 30 s do not depend on the budget; the steps share the rest as at 540
+for share in "${shares[@]:1}"; do scaled+=($((share * (budget - 30) / 510))); done
 
 start=$SECONDS
 failed=0
@@ -107,7 +112,7 @@ for i in "${!names[@]}"; do
         if [ "$tiny" = 1 ]; then
             echo "== preflight skipped: --tiny needs no GPU"
         else
-            timeout -k 5 "$limit" bash -c "${command[preflight]}" > "$out/preflight.log" 2>&1
+            timeout -k 5 $((limit - 5)) bash -c "${command[preflight]}" > "$out/preflight.log" 2>&1
             rc=$?
             if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
                 echo "gpu_check: stopped before any step: the preflight did not finish in ${limit}s"

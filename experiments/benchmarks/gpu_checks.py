@@ -8,8 +8,8 @@ preflight   Prints one line (card, compute capability, memory, torch, CUDA) and 
             line and exit status 1, when torch is missing, when torch sees no CUDA device, or when the card
             has no native bf16 (compute capability below 8.0: T4, V100), since every row of bench.py is bf16
             autocast, which such a card only emulates. On another card with native bf16 (A100, L4, ...) it
-            warns and exits 0: the rows are sound, but the anchors (anchors.json) and the targets of
-            NOTES.md are H200 figures, so compare ratios only.
+            warns and exits 0: the rows are sound, but the anchors (anchors.json) are H200 figures, so
+            compare ratios only.
 
 kernels     Two checks of what the compiled bf16 rows rely on, each printing what it found; exit status 1 if
             either fails.
@@ -46,14 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (bench puts uninext.py's folder on the path)
 import uninext  # noqa: E402
 
-ANCHOR_CARDS = ("H100", "H200")  # the anchors were measured on an H200; the targets are for either
+ANCHOR_CARDS = ("H100", "H200")  # the anchors' card, and the one with the same compute
 
 
 def preflight():
     python = f"{sys.executable}, torch {torch.__version__}"
     if not torch.cuda.is_available():
-        sys.exit(f"gpu_check: stopped before any step: {python} sees no CUDA device "
-                 f"(torch built for CUDA {torch.version.cuda}); on a machine without a GPU, --tiny runs every step")
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        sys.exit(f"gpu_check: stopped before any step: {python} ({build}) sees no CUDA device; on a machine "
+                 f"without a GPU, --tiny runs every step")
     name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
     memory = torch.cuda.get_device_properties(0).total_memory / 2**30
     card = f"{name}, compute capability {major}.{minor}, {memory:.0f} GiB"
@@ -62,8 +63,8 @@ def preflight():
                  f"is bf16 autocast; the run is made for an H100 or H200")
     print(f"preflight: {card}; {python}, CUDA {torch.version.cuda}")
     if not any(anchor in name for anchor in ANCHOR_CARDS):
-        print(f"gpu_check: warning: the card is {name}, not an H100 or H200 (the anchors' H200, the targets' "
-              f"cards): the rows stand, but set them beside the anchors as ratios only")
+        print(f"gpu_check: warning: the card is {name}, not an H100 or H200 (the anchors were measured on an "
+              f"H200): the rows stand, but set them beside the anchors as ratios only")
 
 
 def amp(device):
