@@ -135,7 +135,8 @@ def mixed_precision(choice, device):
         return choice
     if device.type != "cuda":
         return "off"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"  # fp16: T4, V100
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on; emulated below it
+    return "bf16" if native_bf16 else "fp16"  # fp16: T4, V100
 
 
 def all_sum(tensor):

@@ -713,3 +713,11 @@ def test_the_loop_that_readme_shows_is_the_loop_that_runs():
     shown = readme.split("```python\nfor epoch in range(", 1)[1].split("```", 1)[0]
     indented = "".join(" " * 8 + line if line.strip() else line for line in shown.splitlines(keepends=True))
     assert len(shown.splitlines()) > 20 and " " * 8 + "for epoch in range(" + indented.lstrip() in source
+
+
+@pytest.mark.parametrize("capability, amp", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_amp_auto_takes_bf16_only_where_the_card_computes_it_natively(capability, amp, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert train_helpers.mixed_precision("auto", torch.device("cuda:0")) == amp  # a T4 is (7, 5)
+    assert train_helpers.mixed_precision("auto", torch.device("cpu")) == "off"
+    assert train_helpers.mixed_precision("fp16", torch.device("cpu")) == "fp16"  # an explicit choice stands
