@@ -87,6 +87,21 @@ def show_table(header, rows, title=None):
     display(Markdown("\n".join(text)))
 
 
+def check_prediction(guess, answer, hint):
+    """Say whether a student's prediction is right without printing the answer. `guess` None (or holding a
+    None) is a prediction not yet written: it asks for one. Otherwise the numbers of `guess` and `answer` (a
+    number, or a list of them) must agree to within 1e-6, or an AssertionError says "not quite" and
+    `hint`, where to look again."""
+    if guess is None or (isinstance(guess, (list, tuple)) and any(g is None for g in guess)):
+        print("Write your prediction in the cell above (replace None), run it, then run this cell again.")
+        return
+    assert np.shape(guess) == np.shape(answer), \
+        f"Not quite: the answer has the shape {np.shape(answer) or 'of one number'}, yours {np.shape(guess) or 'one number'}."
+    assert np.allclose(np.asarray(guess, dtype=float), np.asarray(answer, dtype=float), rtol=0, atol=1e-6), \
+        f"Not quite. {hint}"
+    print("Right.")
+
+
 def _box(ax, x, y, text, colour=SHARED, w=0.5, h=0.06, size=8):
     """A rounded box centred on (x, y), its edge in `colour` and its face a light tint of it."""
     ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.008", lw=1.6,
