@@ -95,8 +95,9 @@ def check_prediction(guess, answer, hint):
     if guess is None or (isinstance(guess, (list, tuple)) and any(g is None for g in guess)):
         print("Write your prediction in the cell above (replace None), run it, then run this cell again.")
         return
+    size = np.size(answer)
     assert np.shape(guess) == np.shape(answer), \
-        f"Not quite: the answer has the shape {np.shape(answer) or 'of one number'}, yours {np.shape(guess) or 'one number'}."
+        f"Not quite: the answer is {'one number' if size == 1 else f'a list of {size} numbers'}."
     assert np.allclose(np.asarray(guess, dtype=float), np.asarray(answer, dtype=float), rtol=0, atol=1e-6), \
         f"Not quite. {hint}"
     print("Right.")
