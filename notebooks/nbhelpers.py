@@ -207,6 +207,27 @@ def block_diagram(size="T"):
     return fig
 
 
+def plot_published(published):
+    """The paper's comparison for the mixers with both numbers published: `published` {mixer: (the network
+    it was first proposed in, that network's top-1, UniNeXt-T's top-1)}, one line per mixer from its own
+    network (left) to UniNeXt-T (right)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for k, (mixer, (network, own, ours)) in enumerate(published.items()):
+        colour = ("#CC79A7", "#009E73", "#56B4E9", "#D55E00")[k % 4]
+        ax.plot([0, 1], [own, ours], "o-", color=colour, lw=2, ms=8, label=mixer)
+        ax.annotate(f"{network} {own}", (0, own), xytext=(-8, 0), textcoords="offset points", ha="right",
+                    va="center", fontsize=9, color=colour)
+        ax.annotate(f"UniNeXt-T {ours}", (1, ours), xytext=(8, 0), textcoords="offset points", ha="left",
+                    va="center", fontsize=9, color=colour)
+    ax.set_xticks([0, 1], ["in the network it was\nfirst proposed in", "in UniNeXt-T"])
+    ax.set_xlim(-0.7, 1.7)
+    ax.set(ylabel="ImageNet-1K top-1 (%)", title="Published accuracy of two mixers, before and in UniNeXt")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", title="spatial token mixer", title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_stage_shapes(all_shapes, layouts):
     """Tokens and channels per stage, one bar per preset, from the (name, shape) lists of `all_shapes`."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -631,7 +652,8 @@ def plot_attention_maps(image, panels, rows, columns, title):
     share. The scale reaches the largest ratio in the figure (a head can put its whole weight on one key:
     at most the number of keys); smaller ratios than its inverse, down to weights that round to 0, take
     its darkest blue. Tokens that are not keys are hatched, the grey line outlines the object, + marks the
-    query token's centre and the black line is the border of its keys."""
+    query token's centre and the black line is the border of its keys. A panel with a `view`, (top, left,
+    side) in pixels, shows only that square of the image, enlarged."""
     size = image.shape[0]
     grey = image.float().mean(-1).numpy()
     log_ratio = {}
@@ -644,7 +666,7 @@ def plot_attention_maps(image, panels, rows, columns, title):
     norm = TwoSlopeNorm(0.0, -limit, limit)  # 0 (the uniform share) is the centre of the map: white
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad((0, 0, 0, 0))  # not a key: transparent, over the hatching
-    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(2.1 * (1 + len(columns)) + 1.6, 2.25 * len(rows)),
+    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(2.6 * (1 + len(columns)) + 1.6, 2.75 * len(rows)),
                              squeeze=False, layout="constrained")
     extent = (-0.5, size - 0.5, size - 0.5, -0.5)
     for r, (arch, label, (y, x)) in enumerate(rows):
@@ -665,7 +687,8 @@ def plot_attention_maps(image, panels, rows, columns, title):
             qr, qc = p["query"]
             ax.plot((qc + 0.5) * size / n - 0.5, (qr + 0.5) * size / n - 0.5, "+", color="black", ms=8, mew=1.8,
                     path_effects=HALO)
-            ax.set(xlim=(-0.5, size - 0.5), ylim=(size - 0.5, -0.5))
+            top, left, side = p.get("view", (0, 0, size))  # a zoomed panel shows a side x side crop
+            ax.set(xlim=(left - 0.5, left + side - 0.5), ylim=(top + side - 0.5, top - 0.5))
             if r == 0:
                 ax.set_title(name, fontsize=9)
     for ax in axes.flat:
@@ -686,6 +709,33 @@ def plot_attention_maps(image, panels, rows, columns, title):
                loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return fig
+
+
+def check_window_partition(candidate):
+    """Check a home-made `window_partition(x, wh, ww)`, (B, H, W, C) -> (B, nW, wh*ww, C), against
+    uninext.py's on maps and windows of several shapes: square windows, horizontal and vertical stripes (a
+    stripe is a window as wide or as tall as the map), one window over the whole map. Every element of the
+    test maps differs, so a token in the wrong place cannot pass. Each case that passes is printed; the
+    first that fails raises an AssertionError that says what differs, without the code that fixes it."""
+    cases = [((2, 8, 8, 3), (4, 4), "square windows"), ((1, 6, 9, 2), (3, 3), "square windows, a map that is not"),
+             ((2, 4, 8, 5), (1, 8), "horizontal stripes"), ((2, 4, 8, 5), (4, 2), "vertical stripes"),
+             ((1, 4, 4, 1), (4, 4), "one window, the whole map")]
+    for shape, (wh, ww), name in cases:
+        B, H, W, C = shape
+        x = torch.arange(B * H * W * C, dtype=torch.float32).reshape(shape)  # (B, H, W, C), all different
+        ours, theirs = uninext.window_partition(x, wh, ww), candidate(x, wh, ww)
+        where = f"{name} ({wh}x{ww} on a {tuple(shape)} map)"
+        assert tuple(theirs.shape) == tuple(ours.shape), \
+            f"{where}: your output has the shape {tuple(theirs.shape)}; (B, windows, wh*ww, C) is {tuple(ours.shape)}"
+        if not torch.equal(theirs, ours):
+            token = lambda t: (t[..., 0] // C).long()  # (B, nW, N): which token of the map sits there
+            same_sets = torch.equal(token(theirs).sort(-1).values, token(ours).sort(-1).values)
+            raise AssertionError(f"{where}: " + (
+                "every window holds the right tokens, but in another order: inside a window, tokens go in "
+                "raster order, along the window's row first" if same_sets else
+                "window 0 must hold the tokens of rows 0 to wh-1 and columns 0 to ww-1; windows go in raster "
+                "order over the map, left to right, then down; a window's tokens stay whole (all C channels)"))
+        print(f"{where} -> {tuple(ours.shape)}, as uninext.window_partition")
 
 
 def plot_attention_distance(distances, uniform, title):
