@@ -50,13 +50,15 @@ def show_source(obj, only=None, through=None):
     print()
 
 
-def show_block(module, opening, notes):
-    """Print the block of `module`'s source that opens with the first line containing `opening` (through its
-    last indented line), with its line numbers in the file, and under each line that contains a key of
-    `notes` that note: a reading of the code beside the code. A note whose text is no longer in the block
-    raises, so the reading cannot drift from the code it reads."""
+def show_block(module, opening, notes, within=None):
+    """Print the block of `module`'s source that opens with the first line containing `opening` (after the
+    first line containing `within`, when given: a method of one class), through its last indented line,
+    with its line numbers in the file, and under each line that contains a key of `notes` that note: a
+    reading of the code beside the code. A note whose text is no longer in the block raises, so the
+    reading cannot drift from the code it reads."""
     lines, _ = inspect.getsourcelines(module)
-    first = next(i for i, line in enumerate(lines) if opening in line)
+    start = 0 if within is None else next(i for i, line in enumerate(lines) if within in line)
+    first = next(i for i, line in enumerate(lines) if i >= start and opening in line)
     indent = len(lines[first]) - len(lines[first].lstrip())
     last = first + 1
     while last < len(lines) and (not lines[last].strip() or len(lines[last]) - len(lines[last].lstrip()) > indent):
