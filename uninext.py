@@ -52,6 +52,7 @@ with, per channel on the 0-255 pixel scale (not torchvision's 0-1).
 
 import functools
 import math
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -59,6 +60,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers: convolutions on (B, H, W, C) tensors, drop path
@@ -98,8 +100,8 @@ class DropPath(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The UniNeXt ingredients around the mixer: conv stem, ICMLP with HdC, PC (EC lives in each mixer, since
-# where it applies, to V or to the input, depends on the mixer).
+# The UniNeXt ingredients around the mixer: conv stem, ICMLP with HdC, PC, and the block that gives the mixer
+# its EC (what EC convolves, V or the input, each mixer says; see `Mixer`).
 
 
 class ConvStem(nn.Module):
@@ -182,16 +184,21 @@ class ICMLP(nn.Module):
 class Block(nn.Module):
     """One block, pre-norm, whatever the mixer:
 
-        x = x + DropPath(Proj(Mixer(LN(x))))      the mixer adds EC to its output itself
-        x = x + DropPath(MLP(LN(x)))              ICMLP when HdC is on
-        x = x + PC(x)                             Post Convolution, when on: a residual depthwise 3x3 conv
-                                                  outside DropPath, so it is never dropped
-    """
+        x = x + DropPath(Proj(Mixer(LN(x)) + EC(v)))    EC (Embedded Convolution), when on: a depthwise 3x3
+                                                      conv of what the mixer names, V or its input
+        x = x + DropPath(MLP(LN(x)))                  ICMLP when HdC is on
+        x = x + PC(x)                                 Post Convolution, when on: a residual depthwise 3x3
+                                                      conv outside DropPath, so it is never dropped
 
-    def __init__(self, dim, mixer, *, mlp_ratio, hdc, pc, drop_path):
+    The block gives the mixer its EC, so that EC's weights sit in the mixer (`mixer.ec`) and the mixer's
+    own forward (see `Mixer`) adds it before the projection."""
+
+    def __init__(self, dim, mixer, *, ec, mlp_ratio, hdc, pc, drop_path):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.mixer = mixer
+        if ec:
+            mixer.ec = mixer.make_ec(dim)
         self.proj = nn.Linear(dim, dim)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
@@ -209,7 +216,9 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """Downsampling (except in the first stage, whose input comes from the stem at the right width), an
     absolute position embedding when the mixer's original architecture had one (vanilla PVT and ViT: one
-    per stage, made for the preset's image size and resized bicubically to others), then the blocks."""
+    per stage, made for the preset's image size and resized bicubically to others), then the blocks. With
+    `grad_checkpointing` each block keeps only its input for backward and recomputes the rest (the same
+    outputs and gradients, DropPath's random draws included, for about a third more compute)."""
 
     def __init__(self, cfg, i, drop_paths):
         super().__init__()
@@ -221,11 +230,13 @@ class Stage(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         heads = dim // cfg.head_dim
+        ec = cfg.ec or (cfg.mixer_pos and mixer_cls.position == "lepe")  # CSWin's LePE is EC itself
         self.blocks = nn.Sequential(*(
-            Block(dim, mixer_cls(dim, heads, cfg.mixer_size[i], index=j, ec=cfg.ec, pos=cfg.mixer_pos),
+            Block(dim, mixer_cls(dim, heads, cfg.mixer_size[i], index=j, pos=cfg.mixer_pos), ec=ec,
                   mlp_ratio=cfg.mlp_ratio, hdc=cfg.hdc, pc=cfg.pc, drop_path=drop_paths[j])
             for j in range(cfg.depths[i])
         ))
+        self.grad_checkpointing = False
 
     def forward(self, x):
         x = self.downsample(x)  # (B, H, W, C)
@@ -235,64 +246,90 @@ class Stage(nn.Module):
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
-        return self.blocks(x)
+        for block in self.blocks:  # with gradient checkpointing, activations are recomputed in backward
+            use = self.grad_checkpointing and torch.is_grad_enabled()
+            x = checkpoint(block, x, use_reentrant=False) if use else block(x)
+        return x
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Spatial token mixers. Same constructor for all: (dim, num_heads, extent, *, index, ec, pos), where `extent`
-# is the mixer's spatial extent in this stage (pooling kernel, conv kernel, window, stripe width, reduction
-# ratio; 0 means "the whole grid"), `index` the block's position in its stage, `ec` whether to add the
-# Embedded Convolution and `pos` whether to use the position encoding of the mixer's original paper.
-# Class attribute `position` names that encoding: the stage adds an absolute one, the mixer the others.
+# Spatial token mixers. Same constructor for all: (dim, num_heads, extent, *, index, pos), where `extent` is
+# the mixer's spatial extent in this stage (pooling kernel, conv kernel, window, stripe width, reduction
+# ratio; 0 means "the whole grid"), `index` the block's position in its stage and `pos` whether to use the
+# position encoding of the mixer's original paper. Class attribute `position` names that encoding: the stage
+# adds an absolute one, the mixer the others.
 
 
-class Identity(nn.Module):
+class Mixer(nn.Module):
+    """What every token mixer shares: the contract (B, H, W, C) -> (B, H, W, C), and EC.
+
+    A mixer implements `mix(x)`, which returns its output and the map that EC (Embedded Convolution)
+    convolves: V for the attention mixers whose V lives on the token grid, the mixer's input for the others
+    (pooling, conv, PVT, whose V lives on a reduced grid). The block gives the mixer its EC (`self.ec`, a
+    depthwise 3x3 conv: 9 MACs per channel per token) when the architecture has one, and `forward` adds it
+    here, in one place, so that no mixer can leave it out. `min_extent` and `odd_extent` say which extents
+    the mixer takes; `Config` checks them. A new mixer subclasses this and is registered in `MIXERS`."""
+
+    position = None
+    min_extent, odd_extent = 0, False
+
+    def __init__(self):
+        super().__init__()
+        self.ec = None
+
+    def make_ec(self, dim):
+        return DWConv(dim)
+
+    def embedded_conv(self, v):
+        return self.ec(v)
+
+    def forward(self, x):
+        out, v = self.mix(x)
+        return out if self.ec is None else out + self.embedded_conv(v)
+
+
+class Identity(Mixer):
     """No spatial mixing: each token only sees itself. In the vanilla architecture this network cannot
     relate positions at all before the global pool; in UniNeXt, EC, HdC and PC still do, which makes it the
-    most telling ablation of the general architecture."""
+    most telling ablation of the general architecture. With EC its output is x + EC(x)."""
 
-    position = None
-
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, pos):
         super().__init__()
-        self.ec = DWConv(dim) if ec else None
 
-    def forward(self, x):
-        return x + self.ec(x) if self.ec is not None else x
+    def mix(self, x):
+        return x, x
 
 
-class Pooling(nn.Module):
-    """PoolFormer's token mixer: `AvgPool3x3(x) - x`. The subtraction is there because the block adds x
-    back through its residual; what is left is "my neighbours' mean minus me". No parameters, no position
-    encoding needed (pooling is local). Cost: 9 adds per channel per token. EC runs on the input x."""
+class Pooling(Mixer):
+    """PoolFormer's token mixer: `AvgPool(x) - x` over `extent` x `extent` neighbourhoods (3 x 3). The
+    subtraction is there because the block adds x back through its residual; what is left is "my
+    neighbours' mean minus me". No parameters, no position encoding needed (pooling is local). Cost:
+    extent^2 adds per channel per token. EC runs on the input x."""
 
-    position = None
+    min_extent, odd_extent = 1, True
 
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, pos):
         super().__init__()
         self.extent = extent
-        self.ec = DWConv(dim) if ec else None
 
-    def forward(self, x):
+    def mix(self, x):
         pooled = F.avg_pool2d(x.permute(0, 3, 1, 2), self.extent, 1, self.extent // 2, count_include_pad=False)
-        out = pooled.permute(0, 2, 3, 1) - x  # (B, H, W, C)
-        return out + self.ec(x) if self.ec is not None else out
+        return pooled.permute(0, 2, 3, 1) - x, x  # (B, H, W, C)
 
 
-class DepthwiseConv(nn.Module):
+class DepthwiseConv(Mixer):
     """ConvNeXt's token mixer: one large (7x7) depthwise conv with bias. Local and position-aware by
-    itself. Cost: 49 MACs per channel per token, 50 parameters per channel. EC runs on the input x."""
+    itself. Cost: extent^2 MACs per channel per token (49), extent^2 + 1 parameters per channel. EC runs on
+    the input x."""
 
-    position = None
+    min_extent, odd_extent = 1, True
 
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, pos):
         super().__init__()
         self.conv = DWConv(dim, extent)
-        self.ec = DWConv(dim) if ec else None
 
-    def forward(self, x):
-        out = self.conv(x)
-        return out + self.ec(x) if self.ec is not None else out
+    def mix(self, x):
+        return self.conv(x), x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,6 +357,17 @@ def pad_to_multiple(x, mh, mw):
     return F.pad(x, (0, 0, 0, pw, 0, ph)) if ph or pw else x  # F.pad pads the last dims first
 
 
+def crop(x, H, W):
+    """The top-left H x W of a padded (B, Hp, Wp, C) map; no slice when nothing was padded, whose backward
+    would write a zero-filled gradient of the whole map first."""
+    return x if x.shape[1:3] == (H, W) else x[:, :H, :W]
+
+
+def roll(x, shift):
+    """Roll (B, H, W, C) by shift = (rows, columns), cyclically, as Swin shifts its windows."""
+    return torch.roll(x, shift, dims=(1, 2)) if any(shift) else x
+
+
 def grid_ids(Hp, Wp, device):
     """(1, Hp, Wp, 1) raster index of every position: partitioned like the tokens, it says which token
     sits where in each window (for padding masks, shift masks and attention maps)."""
@@ -334,37 +382,35 @@ def shift_slices(window, shift):
     return slice(0, -window), slice(-window, -shift), slice(-shift, None)
 
 
-def padding_blocked(H, W, Hp, Wp, wh, ww, shift=(0, 0), device=None):
-    """bool (nW, N, N), True where a real query would see a key that is padding (the map was padded from
-    H x W to Hp x Wp, then rolled by -shift and cut into wh x ww windows); None when nothing was padded.
-    Padded queries may see padded keys, so that no row of the mask is empty."""
-    if (Hp, Wp) == (H, W):
-        return None
-    ids = grid_ids(Hp, Wp, device)
-    padded = torch.roll((ids // Wp >= H) | (ids % Wp >= W), (-shift[0], -shift[1]), (1, 2))
-    padded = window_partition(padded, wh, ww)[0, ..., 0]  # (nW, N)
-    return padded[:, None, :] & ~padded[:, :, None]
-
-
 def cached(function):
     """`function` with a cache of its results in eager mode; under torch.compile the function itself, which
-    the compiler traces and bakes into its graph (it does not look into caches)."""
+    the compiler traces and bakes into its graph (it does not look into caches). What it caches is built
+    outside inference mode, so that a tensor made under `torch.inference_mode()` (as Lightning validates)
+    never reaches a later training step, which could not save it for backward."""
     cache = functools.lru_cache(maxsize=256)(function)
 
     @functools.wraps(function)
     def call(*args):
-        return function(*args) if torch.compiler.is_compiling() else cache(*args)
+        if torch.compiler.is_compiling():
+            return function(*args)
+        with torch.inference_mode(False):
+            return cache(*args)
 
     return call
 
 
 @cached
-def blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device):
-    """bool (nW, N, N), True where a query must not see a key: a padded key (`padding_blocked`), or a key
-    that Swin's roll by -(sh, sw) brought next to the query from the far edge of the map; None when
-    neither. It depends only on the shapes, so it is built once per shape and device, not on every
-    forward."""
-    blocked = padding_blocked(H, W, Hp, Wp, wh, ww, (sh, sw), device)
+def blocked_pairs(H, W, wh, ww, sh, sw, device):
+    """bool (nW, N, N), True where a query must not see a key, for an H x W map padded to multiples of the
+    wh x ww window, rolled by -(sh, sw) and cut into windows; None when nothing is blocked. Blocked are
+    padded keys (padded queries may see them, so that no row is empty), and keys that Swin's roll brought
+    next to the query from the far edge of the map. Built once per shape and device."""
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    blocked = None
+    if (Hp, Wp) != (H, W):
+        ids = grid_ids(Hp, Wp, device)
+        padded = window_partition(roll((ids // Wp >= H) | (ids % Wp >= W), (-sh, -sw)), wh, ww)[0, ..., 0]
+        blocked = padded[:, None, :] & ~padded[:, :, None]  # (nW, N, N)
     if sh or sw:
         region = torch.zeros(1, Hp, Wp, 1, device=device)  # which part of the rolled map a token is from
         for i, rows in enumerate(shift_slices(wh, sh)):
@@ -376,12 +422,15 @@ def blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device):
     return blocked
 
 
-def window_mask(blocked, bias, nW, heads, N, dtype, device):
-    """Additive (nW*heads, N, N) mask for `attention_in_windows`: -inf where `blocked` (nW, N, N) is True,
-    plus a (heads, N, N) `bias`; None when there is neither, so that SDPA can take its fastest kernels.
-    Its rows are stored 8-aligned: SDPA's memory-efficient kernel copies a mask on every call otherwise."""
+def attention_mask(H, W, window, shift, bias, heads, dtype, device):
+    """Additive (nW*heads, N, N) mask for `attention_in_windows`: -inf where `blocked_pairs` is True, plus
+    a (heads, N, N) relative position `bias`; None when there is neither (the usual UniNeXt case), so that
+    SDPA can take its fastest kernels. Its rows are stored 8-aligned: SDPA's memory-efficient kernel copies
+    a mask on every call otherwise."""
+    blocked = blocked_pairs(H, W, *window, *shift, device)
     if blocked is None and bias is None:
         return None
+    nW, N = math.ceil(H / window[0]) * math.ceil(W / window[1]), window[0] * window[1]
     mask = torch.zeros(nW, heads, N, -(-N // 8) * 8, dtype=dtype, device=device)[..., :N]
     if blocked is not None:
         mask.masked_fill_(blocked[:, None], float("-inf"))
@@ -390,44 +439,54 @@ def window_mask(blocked, bias, nW, heads, N, dtype, device):
     return mask.reshape(nW * heads, N, N)
 
 
-def attend(q, k, v, mask=None, manual=False):
-    """Scaled dot-product attention over (B, heads, N, d) queries and (B, heads, M, d) keys and values.
-    The fast path is `F.scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); the
-    manual path computes the same thing step by step and also returns the (B, heads, N, M) probabilities."""
-    if not manual:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+def attend(q, k, v, mask=None, record=None):
+    """Scaled dot-product attention over (B, heads, N, d) queries and (B, heads, M, d) keys and values,
+    the one place where every attention mixer attends. The fast path is `F.scaled_dot_product_attention`
+    (flash / memory-efficient kernels on a GPU). While `record_attention` is on, `record` is a function and
+    the manual path computes the same thing step by step, handing it the (B, heads, N, M) probabilities."""
+    if record is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, N, M)
     if mask is not None:
         logits = logits + mask
     probs = logits.softmax(dim=-1)
-    return probs @ v, probs
+    record(probs)
+    return probs @ v
 
 
-def attention_in_windows(qkv, wh, ww, mask=None, manual=False):
-    """Self-attention inside each wh x ww window of a (B, Hp, Wp, 3, heads, d) map of queries, keys and
-    values. Windows are folded into SDPA's head dimension, (B, nW*heads, N, d), so that a mask that depends
-    on the window but not on the image, (nW*heads, N, N), broadcasts over the batch without a copy.
-    Returns (B, Hp, Wp, heads*d) and, on the manual path, the (B, nW*heads, N, N) probabilities."""
-    B, Hp, Wp, _, heads, d = qkv.shape
-    windows = window_partition(qkv.reshape(B, Hp, Wp, 3 * heads * d), wh, ww)  # (B, nW, N, 3*heads*d)
+def attention_in_windows(qkv, heads, window, shift=(0, 0), mask=None, record=None):
+    """Self-attention inside each wh x ww window of a (B, H, W, 3*heads*d) map of queries, keys and values:
+    zero-pad to whole windows, roll by -shift (Swin), attend in every window, and undo the three. Windows
+    are folded into SDPA's head dimension, (B, nW*heads, N, d), so that a mask that depends on the window
+    but not on the image, (nW*heads, N, N), broadcasts over the batch without a copy. Returns (B, H, W,
+    heads*d); `record` receives dense (B, heads, H*W, H*W) maps, zero outside each query's window."""
+    B, H, W, _ = qkv.shape
+    wh, ww = window
+    qkv = roll(pad_to_multiple(qkv, wh, ww), (-shift[0], -shift[1]))  # (B, Hp, Wp, 3*heads*d)
+    Hp, Wp = qkv.shape[1], qkv.shape[2]
+    windows = window_partition(qkv, wh, ww)  # (B, nW, N, 3*heads*d)
     nW, N = windows.shape[1], windows.shape[2]
-    windows = windows.reshape(B, nW, N, 3, heads, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
-    q, k, v = windows.reshape(3, B, nW * heads, N, d).unbind(0)
-    out, probs = attend(q, k, v, mask, manual)  # (B, nW*heads, N, d)
-    out = out.reshape(B, nW, heads, N, d).transpose(2, 3).reshape(B, nW, N, heads * d)
-    return window_reverse(out, wh, ww, Hp, Wp), probs
+    windows = windows.reshape(B, nW, N, 3, heads, -1).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, heads, N, d)
+    q, k, v = windows.reshape(3, B, nW * heads, N, -1).unbind(0)
+    if record is not None:
+        record = functools.partial(dense_attention_maps, record=record, H=H, W=W, window=window, shift=shift)
+    out = attend(q, k, v, mask, record)  # (B, nW*heads, N, d)
+    out = out.reshape(B, nW, heads, N, -1).transpose(2, 3).reshape(B, nW, N, -1)  # (B, nW, N, heads*d)
+    return crop(roll(window_reverse(out, wh, ww, Hp, Wp), shift), H, W)
 
 
-def dense_attention_maps(probs, token_ids, heads, n_tokens):
-    """Scatter window probabilities (B, nW*heads, N, N) into full maps (B, heads, n, n) over all n tokens
-    of the padded grid. token_ids (nW, N) holds the grid index of each window position, obtained by
-    partitioning a grid of indices exactly as the tokens were partitioned. Zero outside the window."""
-    B = probs.shape[0]
-    nW, N = token_ids.shape
-    probs = probs.reshape(B, nW, heads, N, N).transpose(1, 2)  # (B, heads, nW, N, N)
-    dense = probs.new_zeros(B, heads, n_tokens, n_tokens)
-    dense[:, :, token_ids[:, :, None], token_ids[:, None, :]] = probs
-    return dense
+def dense_attention_maps(probs, record, H, W, window, shift):
+    """Hand `record` the window probabilities (B, nW*heads, N, N) as full maps (B, heads, H*W, H*W) over
+    the tokens of the H x W map, zero outside each query's window. Which token sits in which window slot
+    comes from partitioning a grid of indices exactly as the tokens were padded, rolled and partitioned."""
+    Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
+    ids = window_partition(roll(grid_ids(Hp, Wp, probs.device), (-shift[0], -shift[1])), *window)[0, ..., 0]
+    nW, N = ids.shape  # (nW, N): the grid index of every window slot
+    B, heads = probs.shape[0], probs.shape[1] // nW
+    dense = probs.new_zeros(B, heads, Hp * Wp, Hp * Wp)
+    dense[:, :, ids[:, :, None], ids[:, None, :]] = probs.reshape(B, nW, heads, N, N).transpose(1, 2)
+    real = grid_ids(Hp, Wp, probs.device)[0, :H, :W].flatten()  # the tokens that are not padding
+    record(dense[:, :, real][..., real])
 
 
 class RelativePositionBias(nn.Module):
@@ -460,9 +519,9 @@ def relative_index(window, wh, ww, device=None):
     return offsets[0] * (2 * window - 1) + offsets[1]
 
 
-class AttentionMixer(nn.Module):
-    """What every attention mixer shares: the head layout and the switch to the manual path. `record` is
-    None, or a function that receives this mixer's attention maps (set by `record_attention`)."""
+class AttentionMixer(Mixer):
+    """What every attention mixer shares: the head layout, and `record`: None, or the function that
+    receives this mixer's attention maps, set by `record_attention` and handed to `attend`."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -474,8 +533,9 @@ class AttentionMixer(nn.Module):
 
 class WindowAttention(AttentionMixer):
     """Local window attention (Swin without the shift): tokens attend only within non-overlapping
-    `extent` x `extent` windows, so cost grows linearly with the image. As in the UniNeXt release, q and v have
-    biases and k has none (a k bias adds the same logit to every key of a query and cancels in the softmax).
+    `extent` x `extent` windows, so cost grows linearly with the image. As in the UniNeXt release, q and v
+    have biases and k has none (a k bias adds the same logit to every key of a query and cancels in the
+    softmax).
 
     In UniNeXt the windows need no position bias: EC, a depthwise conv over the whole map of V, gives
     position and lets information cross window borders. In the vanilla architecture (`pos`) the mixer gets
@@ -484,58 +544,30 @@ class WindowAttention(AttentionMixer):
     logit 0 and dilute every softmax that sees them; here padded keys are masked so that they change
     nothing. This is a deliberate departure: it changes outputs only at sizes that the window does not
     divide, never at 224x224 (or 32x32), where the two compute the same function. A window larger than the
-    grid shrinks to it. Cost per token: 4C^2 MACs for qkv and
-    output projection (the latter in the block) plus 2*N*C for the attention over N = extent^2 tokens."""
+    grid shrinks to it. Cost per token: 4C^2 MACs for qkv and the output projection (the latter in the
+    block) plus 2*N*C for the attention over the N = extent^2 tokens of its window."""
 
     position = "relative"
 
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, pos):
         super().__init__(dim, num_heads)
         self.window = extent
         self.shift = 0
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.ec = DWConv(dim) if ec else None
         self.rel_pos = RelativePositionBias(extent, num_heads) if pos and self.position == "relative" else None
 
-    def window_shape(self, H, W):
-        return (min(self.window, H), min(self.window, W)) if self.window else (H, W)
-
-    def forward(self, x):
+    def mix(self, x):
         B, H, W, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # no k bias
         qkv = F.linear(x, self.qkv.weight, bias)  # (B, H, W, 3C)
-        wh, ww = self.window_shape(H, W)
-        sh, sw = (self.shift if wh < H else 0), (self.shift if ww < W else 0)
-        qkv_p = pad_to_multiple(qkv, wh, ww)  # (B, Hp, Wp, 3C), padded keys are all-zero
-        Hp, Wp = qkv_p.shape[1], qkv_p.shape[2]
-        if sh or sw:  # Swin: roll the map so that the new windows straddle the old window borders
-            qkv_p = torch.roll(qkv_p, shifts=(-sh, -sw), dims=(1, 2))
-
-        mask = self.attention_mask(H, W, Hp, Wp, wh, ww, sh, sw, x.device, qkv.dtype)  # bf16 under autocast
-        out, probs = attention_in_windows(qkv_p.unflatten(-1, (3, self.num_heads, -1)), wh, ww, mask,
-                                          manual=self.record is not None)
-        if sh or sw:
-            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
-        out = out[:, :H, :W]  # (B, H, W, C), crop the padding
-        if self.record is not None:
-            ids = torch.roll(grid_ids(Hp, Wp, x.device), shifts=(-sh, -sw), dims=(1, 2))
-            ids = window_partition(ids, wh, ww)[..., 0][0]  # (nW, N)
-            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
-            self.record(dense_attention_maps(probs, ids, self.num_heads, Hp * Wp)[:, :, real][..., real])
-        if self.ec is not None:
-            out = out + self.ec(qkv[..., 2 * C:])  # EC on V over the whole map
-        return out
-
-    def attention_mask(self, H, W, Hp, Wp, wh, ww, sh, sw, device, dtype):
-        """Additive (nW*heads, N, N) mask, or None when nothing needs one (the usual UniNeXt case): it
-        keeps padded keys away from real queries, keeps tokens that the shift wrapped around apart from
-        their new neighbours (Swin), and carries the relative position bias (vanilla)."""
-        blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, sh, sw, device)
-        bias = self.rel_pos(wh, ww) if self.rel_pos is not None else None
-        nW = (Hp // wh) * (Wp // ww)
-        return window_mask(blocked, bias, nW, self.num_heads, wh * ww, dtype, device)
+        window = (min(self.window, H), min(self.window, W)) if self.window else (H, W)
+        shift = tuple(self.shift if w < n else 0 for w, n in zip(window, (H, W)))  # no shift in one window
+        bias = self.rel_pos(*window) if self.rel_pos is not None else None  # (heads, N, N)
+        mask = attention_mask(H, W, window, shift, bias, self.num_heads, qkv.dtype, x.device)  # dtype: autocast's
+        out = attention_in_windows(qkv, self.num_heads, window, shift, mask, self.record)  # (B, H, W, C)
+        return out, qkv[..., 2 * C:]  # EC convolves V over the whole map
 
 
 class ShiftedWindowAttention(WindowAttention):
@@ -543,8 +575,8 @@ class ShiftedWindowAttention(WindowAttention):
     that information crosses window borders without a conv. The tokens that the roll wraps around from one
     edge to the other are not neighbours, so a mask keeps them apart. Same parameters as `window`."""
 
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__(dim, num_heads, extent, index=index, ec=ec, pos=pos)
+    def __init__(self, dim, num_heads, extent, *, index, pos):
+        super().__init__(dim, num_heads, extent, index=index, pos=pos)
         self.shift = extent // 2 if index % 2 else 0
 
 
@@ -555,8 +587,8 @@ class GlobalAttention(WindowAttention):
 
     position = "absolute"
 
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
-        super().__init__(dim, num_heads, 0, index=index, ec=ec, pos=pos)
+    def __init__(self, dim, num_heads, extent, *, index, pos):
+        super().__init__(dim, num_heads, 0, index=index, pos=pos)
 
 
 class CrossShapedWindowAttention(AttentionMixer):
@@ -573,42 +605,42 @@ class CrossShapedWindowAttention(AttentionMixer):
 
     position = "lepe"
 
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, pos):
         super().__init__(dim, num_heads)
         self.stripe = extent
         self.branches = 1 if extent == 0 else 2
         self.branch_heads = max(num_heads // self.branches, 1)  # as CSWin: S's 3 heads become 1 + 1 of 48
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.ec = nn.ModuleList(DWConv(dim // self.branches) for _ in range(self.branches)) if ec or pos else None
 
-    def forward(self, x):
+    def stripes(self, H, W):
+        """The window shape of each branch: vertical stripes, horizontal stripes; or the whole grid."""
+        if self.branches == 1:
+            return [(H, W)]
+        return [(H, min(self.stripe, W)), (min(self.stripe, H), W)]
+
+    def mix(self, x):
         B, H, W, C = x.shape
-        sh, sw = (min(self.stripe, H), min(self.stripe, W)) if self.stripe else (H, W)
-        qkv = pad_to_multiple(self.qkv(x), sh, sw)  # (B, Hp, Wp, 3C): padded keys are all-zero
-        Hp, Wp = qkv.shape[1], qkv.shape[2]
-        qkv = qkv.unflatten(-1, (3, self.branches, self.branch_heads, -1))  # (B, Hp, Wp, 3, branches, h, d)
-        stripes = [(Hp, sw), (sh, Wp)] if self.branches == 2 else [(Hp, Wp)]  # vertical, horizontal
-        heads = self.branch_heads
-        outs, maps = [], []
-        for b, (wh, ww) in enumerate(stripes):
-            branch = qkv[:, :, :, :, b]  # (B, Hp, Wp, 3, h, d): this branch's half of the channels
-            nW = (Hp // wh) * (Wp // ww)
-            blocked = blocked_pairs(H, W, Hp, Wp, wh, ww, 0, 0, x.device)
-            mask = window_mask(blocked, None, nW, heads, wh * ww, qkv.dtype, x.device)
-            out, probs = attention_in_windows(branch, wh, ww, mask, manual=self.record is not None)
-            if self.ec is not None:  # EC / LePE on V, each stripe convolved as its own little image
-                v = window_partition(branch[:, :, :, 2].flatten(-2), wh, ww)  # (B, nW, wh*ww, c)
-                c = v.shape[-1]
-                v = self.ec[b](v.reshape(B * nW, wh, ww, c)).reshape(B, nW, wh * ww, c)
-                out = out + window_reverse(v, wh, ww, Hp, Wp)
-            outs.append(out)
-            if self.record is not None:
-                ids = window_partition(grid_ids(Hp, Wp, x.device), wh, ww)[0, ..., 0]  # (nW, N)
-                maps.append(dense_attention_maps(probs, ids, heads, Hp * Wp))
-        if self.record is not None:
-            real = grid_ids(Hp, Wp, x.device)[0, :H, :W].flatten()
-            self.record(torch.cat(maps, dim=1)[:, :, real][..., real])
-        return torch.cat(outs, dim=-1)[:, :H, :W]  # (B, H, W, C)
+        qkv = self.qkv(x).unflatten(-1, (3, self.branches, -1))  # (B, H, W, 3, branches, C/branches)
+        outs = []
+        for b, window in enumerate(self.stripes(H, W)):
+            mask = attention_mask(H, W, window, (0, 0), None, self.branch_heads, qkv.dtype, x.device)
+            branch = qkv[..., b, :].flatten(-2)  # (B, H, W, 3*C/branches): this branch's q, k and v
+            outs.append(attention_in_windows(branch, self.branch_heads, window, mask=mask, record=self.record))
+        return torch.cat(outs, dim=-1), qkv[..., 2, :, :].flatten(-2)  # (B, H, W, C), and V
+
+    def make_ec(self, dim):
+        return nn.ModuleList(DWConv(dim // self.branches) for _ in range(self.branches))
+
+    def embedded_conv(self, v):
+        """EC / LePE: each branch's part of V, each stripe convolved as its own little image."""
+        B, H, W, C = v.shape
+        outs = []
+        for conv, (wh, ww), part in zip(self.ec, self.stripes(H, W), v.chunk(self.branches, dim=-1)):
+            stripes = window_partition(pad_to_multiple(part, wh, ww), wh, ww)  # (B, nW, wh*ww, c)
+            nW, c = stripes.shape[1], stripes.shape[-1]
+            stripes = conv(stripes.reshape(B * nW, wh, ww, c)).reshape(B, nW, wh * ww, c)
+            outs.append(crop(window_reverse(stripes, wh, ww, -(-H // wh) * wh, -(-W // ww) * ww), H, W))
+        return torch.cat(outs, dim=-1)
 
 
 class SpatialReductionAttention(AttentionMixer):
@@ -619,8 +651,9 @@ class SpatialReductionAttention(AttentionMixer):
     Its original position encoding is PVT v1's absolute embedding, which the stage adds (`pos`)."""
 
     position = "absolute"
+    min_extent = 1
 
-    def __init__(self, dim, num_heads, extent, *, index, ec, pos):
+    def __init__(self, dim, num_heads, extent, *, index, pos):
         super().__init__(dim, num_heads)
         self.ratio = extent
         self.q = nn.Linear(dim, dim)
@@ -628,7 +661,6 @@ class SpatialReductionAttention(AttentionMixer):
         if extent > 1:
             self.sr = Conv(dim, dim, extent, stride=extent)
             self.norm = nn.LayerNorm(dim)
-        self.ec = DWConv(dim) if ec else None
 
     def reduce(self, x):
         """(B, H, W, C) -> (B, ceil(H/r), ceil(W/r), C): the map that keys and values are computed from."""
@@ -636,16 +668,13 @@ class SpatialReductionAttention(AttentionMixer):
             return x
         return self.norm(self.sr(pad_to_multiple(x, self.ratio, self.ratio)))
 
-    def forward(self, x):
+    def mix(self, x):
         B, H, W, C = x.shape
         q = self.q(x).reshape(B, H * W, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
         kv = self.kv(self.reduce(x)).reshape(B, -1, 2, self.num_heads, C // self.num_heads)  # (B, M, 2, heads, d)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, M, d) each
-        out, probs = attend(q, k, v, manual=self.record is not None)
-        if self.record is not None:
-            self.record(probs)  # (B, heads, H*W, M): keys are the cells of the reduced grid
-        out = out.transpose(1, 2).reshape(B, H, W, C)
-        return out + self.ec(x) if self.ec is not None else out
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, M, d) each; M: the cells of the reduced grid
+        out = attend(q, k, v, record=self.record)  # (B, heads, N, d)
+        return out.transpose(1, 2).reshape(B, H, W, C), x  # EC convolves the input
 
 
 MIXERS = {
@@ -670,16 +699,24 @@ def record_attention(model):
 
     Queries and keys are the tokens of the stage's grid in raster order; a window mixer's row is zero
     outside the query's window, a cswin map holds the vertical-stripe heads first, and pvt's columns are
-    the cells of its reduced grid. The outputs equal those of the SDPA path (tested)."""
-    maps = {}
+    the cells of its reduced grid. The outputs equal those of the SDPA path (tested). A mixer that attends
+    more than once per forward (cswin's two branches) gives the heads of all its calls, in order; each
+    forward replaces the maps of the one before."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"record_attention takes a model (an nn.Module), got {type(model).__name__}")
+    maps, hooks = {}, []
     mixers = {name: m for name, m in model.named_modules() if isinstance(m, AttentionMixer)}
     for name, mixer in mixers.items():
-        mixer.record = lambda probs, name=name: maps.__setitem__(name, probs.detach())
+        mixer.record = lambda probs, name=name: maps.__setitem__(
+            name, torch.cat((maps[name], probs.detach()), dim=1) if name in maps else probs.detach())
+        hooks.append(mixer.register_forward_pre_hook(lambda module, args, name=name: maps.pop(name, None)))
     try:
         yield maps
     finally:
         for mixer in mixers.values():
             mixer.record = None
+        for hook in hooks:
+            hook.remove()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -706,25 +743,49 @@ class Config:
     hdc: bool = True
     pc: bool = True
     mixer_pos: bool = False  # the mixer's original position encoding (on in vanilla)
+    global_pool: str = "avg"  # the head's pooling: "avg", or "" for a head applied at every position
 
     def __post_init__(self):
         """Refuse a configuration that would fail deep inside the model, or build something else silently."""
         problems = []
+        mixer = MIXERS.get(self.mixer) if isinstance(self.mixer, str) else None
+        if mixer is None:
+            problems.append(f"mixer must be one of {', '.join(MIXERS)}, got {self.mixer!r}")
+        elif not (isinstance(mixer, type) and issubclass(mixer, Mixer)):
+            problems.append(f"MIXERS[{self.mixer!r}] must be a subclass of uninext.Mixer, got {mixer!r}")
         for name, low in [("dims", 1), ("depths", 0), ("mixer_size", 0)]:
             value = getattr(self, name)
-            if not (isinstance(value, (tuple, list)) and len(value) == 4
-                    and all(isinstance(v, int) and v >= low for v in value)):
+            if not (isinstance(value, (tuple, list)) and len(value) == 4 and all(whole(v, low) for v in value)):
                 problems.append(f"{name} must be 4 whole numbers >= {low}, one per stage, got {value!r}")
-        if not (isinstance(self.head_dim, int) and self.head_dim >= 1):
-            problems.append(f"head_dim must be a whole number >= 1, got {self.head_dim!r}")
-        elif not problems and any(d % self.head_dim for d in self.dims):
+            elif name == "mixer_size" and isinstance(mixer, type) and issubclass(mixer, Mixer):
+                odd = " and odd" if mixer.odd_extent else ""
+                if any(v < mixer.min_extent or (mixer.odd_extent and v % 2 == 0) for v in value):
+                    problems.append(f"the {self.mixer} mixer's extents (mixer_size) must be >= {mixer.min_extent}"
+                                    f"{odd}, got {tuple(value)}")
+        for name, low in [("head_dim", 1), ("mlp_ratio", 1), ("in_chans", 1), ("num_classes", 0)]:
+            if not whole(getattr(self, name), low):
+                problems.append(f"{name} must be a whole number >= {low}, got {getattr(self, name)!r}")
+        if not problems and any(d % self.head_dim for d in self.dims):
             problems.append(f"head_dim {self.head_dim} must divide every stage width, dims {tuple(self.dims)}")
-        if not (isinstance(self.num_classes, int) and self.num_classes >= 0):
-            problems.append(f"num_classes must be a whole number >= 0 (0: no head), got {self.num_classes!r}")
-        if not 0 <= self.drop_path < 1:
-            problems.append(f"drop_path is a probability in [0, 1), got {self.drop_path}")
+        if self.stem_stride not in (2, 4):
+            problems.append(f"stem_stride must be 2 (small images) or 4 (ImageNet), got {self.stem_stride!r}")
+        elif not whole(self.img_size, 8 * self.stem_stride):
+            problems.append(f"img_size must be a whole number >= {8 * self.stem_stride} (one token in the last "
+                            f"stage at stem_stride {self.stem_stride}), got {self.img_size!r}")
+        for name in ("conv_stem", "ec", "hdc", "pc", "mixer_pos"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (isinstance(self.drop_path, (int, float)) and 0 <= self.drop_path < 1):
+            problems.append(f"drop_path is a probability in [0, 1), got {self.drop_path!r}")
+        if self.global_pool not in ("avg", ""):
+            problems.append(f"global_pool must be 'avg' or '' (no pooling), got {self.global_pool!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def whole(value, low):
+    """True for an int (not a bool) >= low."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 # The mixers' extent per stage. At 224x224 the stage grids are 56, 28, 14, 7: windows of 7 divide them all;
@@ -781,7 +842,8 @@ ARCHS = {
 
 class UniNeXt(nn.Module):
     """Stem -> four stages -> head (LayerNorm, global average pool, Linear). Takes (B, in_chans, H, W)
-    images; inside, one (B, H, W, C) layout throughout."""
+    images; inside, one (B, H, W, C) layout throughout. The methods that timm's tools and a detection or
+    segmentation neck call come after the model, in their own section of this class."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -796,6 +858,7 @@ class UniNeXt(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.apply(self._init_weights)
+        self.pretrained_cfg = self.layout_cfg()
 
     @staticmethod
     def _init_weights(m):
@@ -807,73 +870,161 @@ class UniNeXt(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def no_weight_decay(self):
-        """Names of the parameters that weight decay should spare (timm's convention): the position
-        encodings of the vanilla mixers, the absolute embeddings and Swin's relative bias tables, which Swin,
-        PVT and DeiT train without decay. Biases and norm gains are spared by their shape."""
-        return {name for name, _ in self.named_parameters() if name.endswith(("pos_embed", "rel_pos.table"))}
-
     @property
     def min_size(self):
         """The smallest height and width the layout takes: one token in the last stage."""
         return self.cfg.stem_stride * 8
 
-    def check_input(self, x):
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_chans or x.shape[0] == 0:
-            raise ValueError(f"expected images of shape (B, {self.cfg.in_chans}, H, W) with B >= 1, got "
-                             f"{tuple(x.shape)}")
-        weights = self.norm.weight.dtype
-        if x.dtype != weights and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
-            fix = f"x.to({weights})" if x.is_floating_point() else "standardise them into floats as in training"
-            raise ValueError(f"expected {weights} images (the model's dtype), got {x.dtype}: {fix}")
-        if min(x.shape[2:]) < self.min_size:
-            raise ValueError(f"a {x.shape[2]}x{x.shape[3]} image is too small for this layout (total stride "
-                             f"{self.min_size}): height and width must be at least {self.min_size}")
-
-    def forward_intermediates(self, x, norm=False):
-        """(B, in_chans, H, W) -> the four stage maps (B, C_i, H_i, W_i) at strides 4, 8, 16, 32 (2 to 16 for
-        the small-image presets), as channels_last NCHW views: the pyramid for a detection or segmentation
-        neck. The maps are not normalised (each Post Convolution adds to the residual stream unnormalised,
-        so their scale grows with depth); norm=True standardises every token over its channels (a LayerNorm
-        without parameters), as necks usually want."""
-        self.check_input(x)
+    def forward_features(self, x):
+        """(B, in_chans, H, W) -> the last stage's map after the final LayerNorm, (B, H/32, W/32, 8C), in the
+        (B, H, W, C) layout that `output_fmt` declares, as timm's Swin."""
+        check_images(x, self.cfg.in_chans, self.norm.weight.dtype, self.min_size)
         x = self.stem(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
-        features = []
         for stage in self.stages:
             x = stage(x)
-            features.append(F.layer_norm(x, x.shape[-1:]) if norm else x)
-        return [f.permute(0, 3, 1, 2) for f in features]
-
-    def forward_features(self, x):
-        """(B, in_chans, H, W) -> the last stage's map after the final LayerNorm, (B, H/32, W/32, 8C) (timm's
-        convention for models that work in (B, H, W, C), as its Swin)."""
-        return self.norm(self.forward_intermediates(x)[-1].permute(0, 2, 3, 1))
+        return self.norm(x)
 
     def forward_head(self, x, pre_logits=False):
         """(B, H, W, C) from forward_features -> the pooled features (B, num_features) with pre_logits=True,
-        else the logits (B, num_classes)."""
-        x = x.mean(dim=(1, 2))
+        else the logits (B, num_classes). With global_pool "" nothing is pooled: (B, H, W, ...)."""
+        if self.cfg.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))  # (B, num_classes)
 
-    def reset_classifier(self, num_classes):
+    # ------------------------------------------------------------------------------------------------------
+    # timm's model contract: the attributes and methods that timm's tests check of every model and its
+    # tools (feature wrappers, data configs, optimizers) call. Nothing above depends on them.
+
+    output_fmt = "NHWC"  # the layout of forward_features
+
+    @property
+    def num_classes(self):
+        return self.cfg.num_classes
+
+    @property
+    def head_hidden_size(self):
+        return self.num_features  # the head has no hidden layer: the pooled features go straight to it
+
+    @property
+    def feature_info(self):
+        """One entry per stage: its width, its stride, and the module that outputs it."""
+        return [dict(num_chs=self.cfg.dims[i], reduction=self.cfg.stem_stride * 2 ** i, module=f"stages.{i}")
+                for i in range(4)]
+
+    @property
+    def default_cfg(self):
+        return self.pretrained_cfg  # timm's older name
+
+    def layout_cfg(self):
+        """What timm's `resolve_data_config` reads, for a model that has not been trained: its layout
+        (input size, final grid, first conv, classifier) with ImageNet's mean and std on the 0-1 scale,
+        as timm's untrained models give (one grey value each when in_chans is not 3). `load` replaces the
+        mean and std by those the model was trained with."""
+        cfg, grid = self.cfg, math.ceil(self.cfg.img_size / self.min_size)
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if cfg.in_chans == 3 else \
+            ((0.449,) * cfg.in_chans, (0.226,) * cfg.in_chans)
+        return dict(input_size=(cfg.in_chans, cfg.img_size, cfg.img_size), pool_size=(grid, grid),
+                    crop_pct=0.9, interpolation="bicubic", mean=mean, std=std, num_classes=cfg.num_classes,
+                    first_conv="stem.conv1" if cfg.conv_stem else "stem.proj", classifier="head",
+                    fixed_input_size=False)
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes, global_pool=None):
         """A new, freshly initialised head for `num_classes` classes (0: none, the model gives the pooled
-        features), for fine-tuning on another label set; on the device and in the dtype of the model."""
-        self.cfg = replace(self.cfg, num_classes=num_classes)
+        features), for fine-tuning on another label set; on the device and in the dtype of the model.
+        `global_pool` "avg" or "" (no pooling), when given, replaces the pooling."""
+        self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=self.cfg.global_pool
+                           if global_pool is None else global_pool)
         like = self.norm.weight  # where and in what dtype the model's features are
         self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
                      if num_classes else nn.Identity())
         self.head.apply(self._init_weights)
+
+    def no_weight_decay(self):
+        """Names of the parameters that weight decay should spare: the position encodings of the vanilla
+        mixers, the absolute embeddings and Swin's relative bias tables, which Swin, PVT and DeiT train
+        without decay. Biases and norm gains are spared by their shape."""
+        return {name for name, _ in self.named_parameters() if name.endswith(("pos_embed", "rel_pos.table"))}
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in backward instead of keeping them: for inputs several times
+        224 (detection, segmentation), at about a third more compute."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """(B, in_chans, H, W) -> (final, maps): `final` is forward_features(x), `maps` the outputs of the
+        stages that `indices` takes (None: all four; an int n: the last n; a list: those, negative ones
+        counted from the end), at strides 4, 8, 16, 32 (2 to 16 for the small-image presets): the pyramid
+        for a detection or segmentation neck. `norm` applies the final LayerNorm to the last stage's map
+        (the others are the raw residual stream); `stop_early` skips the stages after the last one taken;
+        `output_fmt` "NCHW" gives channels_last (B, C_i, H_i, W_i) views, "NHWC" the maps as they are."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take = stage_indices(indices, len(self.stages))
+        check_images(x, self.cfg.in_chans, self.norm.weight.dtype, self.min_size)
+        x = self.stem(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
+        maps = []
+        for i, stage in enumerate(self.stages[:max(take) + 1] if stop_early else self.stages):
+            x = stage(x)
+            if i in take:
+                out = self.norm(x) if norm and i == len(self.stages) - 1 else x
+                maps.append(out.permute(0, 3, 1, 2) if output_fmt == "NCHW" else out)
+        return maps if intermediates_only else (self.norm(x), maps)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the stages after the last that `indices` takes (and the final norm, the head) so that a
+        feature extractor carries no unused weights; returns the stage indices taken."""
+        take = stage_indices(indices, len(self.stages))
+        self.stages = self.stages[:max(take) + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def stage_indices(indices, n):
+    """timm's reading of `indices` over n stages: None all, an int k the last k, a list those (negative
+    ones counted from the end)."""
+    if indices is None or (isinstance(indices, int) and 0 < indices <= n):
+        return list(range(n - (indices or n), n))
+    if isinstance(indices, (list, tuple)) and indices and all(isinstance(i, int) and -n <= i < n for i in indices):
+        return [i % n for i in indices]
+    raise ValueError(f"indices must be None, a count from 1 to {n}, or a list of stage indices in "
+                     f"[-{n}, {n - 1}], got {indices!r}")
+
+
+def check_images(x, in_chans, dtype, min_size):
+    """Refuse images the model cannot take, with what is wrong and the fix. `torch.fx.wrap` below makes it
+    one opaque call in an fx-traced graph, so that torchvision's `create_feature_extractor` can trace the
+    model (its checks run on the traced model's real inputs)."""
+    if x.dim() != 4 or x.shape[1] != in_chans or x.shape[0] == 0:
+        raise ValueError(f"expected images of shape (B, {in_chans}, H, W) with B >= 1, got {tuple(x.shape)}")
+    if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        fix = f"x.to({dtype})" if x.is_floating_point() else "standardise them into floats as in training"
+        raise ValueError(f"expected {dtype} images (the model's dtype), got {x.dtype}: {fix}")
+    if min(x.shape[2:]) < min_size:
+        raise ValueError(f"a {x.shape[2]}x{x.shape[3]} image is too small for this layout (total stride "
+                         f"{min_size}): height and width must be at least {min_size}")
+
+
+torch.fx.wrap("check_images")
 
 
 def create_model(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
     """Build a network: `size` is one of PRESETS ("T", "S", "B" at 224x224; "T32", "N32" for 32x32 images),
     `mixer` one of MIXERS, `arch` "uninext" or "vanilla". `overrides` set any Config field: the ingredient
     switches `conv_stem`, `ec`, `hdc`, `pc`, `mixer_pos`, and `drop_path`, `in_chans`, `dims`, `depths`,
-    `mixer_size`, ... `mixer_pos` follows `ec` unless given: adding EC to the vanilla architecture replaces
-    the mixer's original position encoding, as in UniNeXt."""
+    `mixer_size`, `global_pool`, ... `mixer_pos` follows `ec` unless given: adding EC to the vanilla
+    architecture replaces the mixer's original position encoding, as in UniNeXt. A mixer registered in
+    MIXERS that the presets' extent tables do not know needs `mixer_size`."""
     return UniNeXt(config(size, mixer, num_classes=num_classes, arch=arch, **overrides))
 
 
@@ -891,7 +1042,9 @@ def config(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(known))}")
     preset = dict(PRESETS[size])
     sizes = preset.pop("sizes")
-    settings = {**preset, **ARCHS[arch], "mixer_size": sizes[mixer], "num_classes": num_classes}
+    if mixer not in sizes and "mixer_size" not in overrides:
+        raise ValueError(f"the {size} preset has no extents for mixer {mixer!r}: pass mixer_size, one per stage")
+    settings = {**preset, **ARCHS[arch], "mixer_size": sizes.get(mixer), "num_classes": num_classes}
     if "ec" in overrides and "mixer_pos" not in overrides:
         settings["mixer_pos"] = not overrides["ec"]
     return Config(mixer=mixer, **{**settings, **overrides})
@@ -901,8 +1054,9 @@ def load(path, map_location="cpu"):
     """A UniNeXt trained by train_minimal.py, rebuilt from its checkpoint, in eval mode: a file, or a folder
     (its model.pt, as in checkpoints/, else the last.pt of a run folder), with the weights that were tested
     (the EMA's when the run kept one). The checkpoint holds the model's Config, so nothing else (data,
-    command line) is needed. The input normalisation it was trained with, per channel on 0-255 pixel
-    values, is in `model.pretrained_cfg` (timm's name)."""
+    command line) is needed; `model.pretrained_cfg` gives the input normalisation it was trained with, on
+    timm's 0-1 scale. Only tensors and plain values are read (`weights_only`): a file that holds code is
+    refused, never run. Anything that is not such a checkpoint raises one ValueError that says why."""
     path = Path(path)
     if path.is_dir():
         found = [path / name for name in ("model.pt", "last.pt") if (path / name).is_file()]
@@ -910,15 +1064,27 @@ def load(path, map_location="cpu"):
             raise FileNotFoundError(f"{path} holds neither model.pt (an exported checkpoint) nor last.pt (a "
                                     f"train_minimal.py run): pass one of those files or such a folder")
         path = found[0]
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(checkpoint, dict) or not checkpoint.get("model_config"):
-        raise ValueError(f"{path} holds no UniNeXt configuration: it is a baseline's checkpoint, was written by "
-                         f"an earlier version of train_minimal.py, or is not a checkpoint")
-    cfg = Config(**checkpoint["model_config"])
-    model = UniNeXt(cfg)
-    ema = checkpoint.get("ema")
-    state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")} if ema else None
-    model.load_state_dict(state or checkpoint["model"])
-    model.pretrained_cfg = {"input_size": (cfg.in_chans, cfg.img_size, cfg.img_size),
-                            **{k: tuple(v.tolist()) for k, v in checkpoint["normalisation"].items()}}
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} is not a UniNeXt checkpoint: it holds objects other than tensors and plain "
+                         f"values, which load() does not read") from e
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise ValueError(f"{path} is not a UniNeXt checkpoint: torch cannot read it ({type(e).__name__}; a "
+                         f"truncated or corrupted file, or not a torch file)") from e
+    keys = ("model_config", "model", "normalisation")
+    if not isinstance(checkpoint, dict) or not all(checkpoint.get(k) for k in keys):
+        raise ValueError(f"{path} is not a UniNeXt checkpoint: it lacks {' or '.join(keys)} (a baseline's "
+                         f"checkpoint, one by an earlier train_minimal.py, or another model's weights)")
+    try:
+        model = UniNeXt(Config(**checkpoint["model_config"]))
+        ema = checkpoint.get("ema")
+        state = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")} if ema else None
+        model.load_state_dict(state or checkpoint["model"])
+        norm = {k: tuple(v / 255 for v in checkpoint["normalisation"][k].tolist()) for k in ("mean", "std")}
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path} is not a UniNeXt checkpoint this code can rebuild: {e}") from e
+    model.pretrained_cfg = {**model.pretrained_cfg, **norm, "crop_pct": 1.0}
     return model.eval()

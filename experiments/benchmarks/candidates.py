@@ -6,7 +6,7 @@ proposals: once a candidate is adopted in uninext.py, its entry here goes.
     python experiments/benchmarks/candidates.py --only cswin_unbind --batch 8
     python experiments/benchmarks/candidates.py --device cuda --batch 128      # on a GPU, bf16 autocast
 
-Each candidate swaps one forward (or one parameter layout) in a deep copy of a real block, checks on the CPU
+Each candidate swaps one mixer's `mix` (or one parameter layout) in a deep copy of a real block, checks on the CPU
 that the output and every gradient equal the original's (float32, batch 2, tolerance 1e-4), then times forward
 + backward from a random upstream gradient, alternating original and candidate (ABBA) `--reps` times each so
 that load from other jobs falls on both alike, and reports the median of each; `control` changes nothing and
@@ -16,15 +16,12 @@ under bf16 autocast.
 
 Candidates (the names say what they change):
   window_one_copy   window attention: one copy into window order for q, k, v together instead of two
-                    (`window_partition` then a head permute), one copy back instead of two, and no crop
-                    (and so no SliceBackward, which writes a zero-filled full-size gradient) when nothing
-                    was padded
+                    (`window_partition` then a head permute), one copy back instead of two
   window_split_v    the above, and V from its own Linear on the same weight rows, so that EC convolves a
                     contiguous map instead of a strided slice of qkv (which the conv copies, forward and
                     backward)
   cswin_unbind      cross-shaped attention: the two branches taken by one `unbind` instead of two `select`s
-                    (whose backward each writes a zero-filled qkv-sized gradient, then adds), and no crop
-                    when nothing was padded
+                    (whose backward each writes a zero-filled qkv-sized gradient, then adds)
   pvt_weight_nhwc   PVT's reduction conv with its weight stored channels_last, as its input is: the conv
                     otherwise copies the weight to channels_last on every call and its gradient back
   dwconv_shifts     every depthwise conv of the block (EC, HdC, PC) as 9 shifted multiply-adds: for
@@ -48,9 +45,9 @@ import uninext  # noqa: E402
 
 
 def window_one_copy(self, x, split_v=False):
-    """WindowAttention.forward for the case UniNeXt runs: no shift, no bias, windows that divide the map."""
+    """WindowAttention.mix for the case UniNeXt runs: no shift, no bias, windows that divide the map."""
     B, H, W, C = x.shape
-    wh, ww = self.window_shape(H, W)
+    wh, ww = min(self.window, H), min(self.window, W)
     assert not self.shift and self.rel_pos is None and H % wh == 0 and W % ww == 0 and self.record is None
     heads, d, nh, nw = self.num_heads, C // self.num_heads, H // wh, W // ww
     bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
@@ -67,32 +64,19 @@ def window_one_copy(self, x, split_v=False):
         q, k, v = windows.reshape(3, B, nh * nw * heads, wh * ww, d).unbind(0)  # (B, nW*h, N, d), one copy
     out = F.scaled_dot_product_attention(q, k, v)  # (B, nW*h, N, d)
     out = out.reshape(B, nh, nw, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, H, W, C)  # one copy
-    return out + self.ec(v_map) if self.ec is not None else out
+    return out, v_map  # Mixer.forward adds EC of v_map
 
 
 def cswin_unbind(self, x):
-    """CrossShapedWindowAttention.forward with branches from one unbind and the crop only when padded."""
+    """CrossShapedWindowAttention.mix with the branches from one unbind instead of two selects."""
     B, H, W, C = x.shape
     assert self.record is None
-    sh, sw = (min(self.stripe, H), min(self.stripe, W)) if self.stripe else (H, W)
-    qkv = uninext.pad_to_multiple(self.qkv(x), sh, sw)
-    Hp, Wp = qkv.shape[1], qkv.shape[2]
-    qkv = qkv.unflatten(-1, (3, self.branches, self.branch_heads, -1))  # (B, Hp, Wp, 3, branches, h, d)
-    stripes = [(Hp, sw), (sh, Wp)] if self.branches == 2 else [(Hp, Wp)]  # vertical, horizontal
+    qkv = self.qkv(x).unflatten(-1, (3, self.branches, -1))  # (B, H, W, 3, branches, C/branches)
     outs = []
-    for b, ((wh, ww), branch) in enumerate(zip(stripes, qkv.unbind(4))):
-        nW = (Hp // wh) * (Wp // ww)
-        blocked = uninext.padding_blocked(H, W, Hp, Wp, wh, ww, device=x.device)
-        mask = uninext.window_mask(blocked, None, nW, self.branch_heads, wh * ww, qkv.dtype, x.device)
-        out, _ = uninext.attention_in_windows(branch, wh, ww, mask)
-        if self.ec is not None:
-            v = uninext.window_partition(branch[:, :, :, 2].flatten(-2), wh, ww)  # (B, nW, wh*ww, c)
-            c = v.shape[-1]
-            v = self.ec[b](v.reshape(B * nW, wh, ww, c)).reshape(B, nW, wh * ww, c)
-            out = out + uninext.window_reverse(v, wh, ww, Hp, Wp)
-        outs.append(out)
-    out = torch.cat(outs, dim=-1)
-    return out if (Hp, Wp) == (H, W) else out[:, :H, :W]
+    for window, branch in zip(self.stripes(H, W), qkv.unbind(4)):
+        mask = uninext.attention_mask(H, W, window, (0, 0), None, self.branch_heads, qkv.dtype, x.device)
+        outs.append(uninext.attention_in_windows(branch.flatten(-2), self.branch_heads, window, mask=mask))
+    return torch.cat(outs, dim=-1), qkv[..., 2, :, :].flatten(-2)
 
 
 def dwconv_as_shifts(self, x):
@@ -116,9 +100,9 @@ def depthwise_as_shifts(block):
             module.forward = types.MethodType(dwconv_as_shifts, module)
 
 
-def swap_forward(forward, **kwargs):
+def swap_mix(mix, **kwargs):
     def apply(block):
-        block.mixer.forward = types.MethodType(lambda self, x: forward(self, x, **kwargs), block.mixer)
+        block.mixer.mix = types.MethodType(lambda self, x: mix(self, x, **kwargs), block.mixer)
     return apply
 
 
@@ -128,9 +112,9 @@ def nhwc_weight(block):
 
 CANDIDATES = {  # name: (mixer, stage, change applied to a copy of that stage's first block)
     "control": ("window", 0, lambda block: None),  # no change: the noise of the measurement
-    "window_one_copy": ("window", 0, swap_forward(window_one_copy)),
-    "window_split_v": ("window", 0, swap_forward(window_one_copy, split_v=True)),
-    "cswin_unbind": ("cswin", 0, swap_forward(cswin_unbind)),
+    "window_one_copy": ("window", 0, swap_mix(window_one_copy)),
+    "window_split_v": ("window", 0, swap_mix(window_one_copy, split_v=True)),
+    "cswin_unbind": ("cswin", 0, swap_mix(cswin_unbind)),
     "pvt_weight_nhwc": ("pvt", 0, nhwc_weight),
     "dwconv_shifts": ("window", 0, depthwise_as_shifts),
 }
