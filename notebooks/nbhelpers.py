@@ -214,12 +214,14 @@ def plot_published(published):
     it was first proposed in, that network's top-1, UniNeXt-T's top-1)}, one line per mixer from its own
     network (left) to UniNeXt-T (right)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    order = sorted(published, key=lambda m: published[m][2])  # close labels on the right are spread apart
     for k, (mixer, (network, own, ours)) in enumerate(published.items()):
+        dy = 7 * (order.index(mixer) - (len(order) - 1) / 2)
         colour = ("#CC79A7", "#009E73", "#56B4E9", "#D55E00")[k % 4]
         ax.plot([0, 1], [own, ours], "o-", color=colour, lw=2, ms=8, label=mixer)
         ax.annotate(f"{network} {own}", (0, own), xytext=(-8, 0), textcoords="offset points", ha="right",
                     va="center", fontsize=9, color=colour)
-        ax.annotate(f"UniNeXt-T {ours}", (1, ours), xytext=(8, 0), textcoords="offset points", ha="left",
+        ax.annotate(f"UniNeXt-T {ours}", (1, ours), xytext=(8, dy), textcoords="offset points", ha="left",
                     va="center", fontsize=9, color=colour)
     ax.set_xticks([0, 1], ["in the network it was\nfirst proposed in", "in UniNeXt-T"])
     ax.set_xlim(-0.7, 1.7)
@@ -396,8 +398,8 @@ def check_ingredient(candidate, slot, dim=32, grid=16, query=(7, 7)):
     shape); the same receptive field at `query`, found by autograd, against the block without it."""
     def block(on):
         torch.manual_seed(0)
-        mixer = uninext.Identity(dim, 2, 0, index=0, ec=False, pos=False)
-        made = uninext.Block(dim, mixer, mlp_ratio=4, hdc=on and slot == "hdc", pc=on and slot == "pc",
+        mixer = uninext.Identity(dim, 2, 0, index=0, pos=False)
+        made = uninext.Block(dim, mixer, ec=False, mlp_ratio=4, hdc=on and slot == "hdc", pc=on and slot == "pc",
                              drop_path=0.0)
         made.apply(uninext.UniNeXt._init_weights)
         return made.eval()
