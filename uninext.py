@@ -42,10 +42,11 @@ Weights: the architecture is exact to the parameter against the authors' release
 come with this file. What exists are small Fashion-MNIST models in checkpoints/ and whatever
 train_minimal.py trains; `load` rebuilds either. Images have `in_chans` channels (3 by default: set
 `in_chans=1` for grey images), and a loaded model's `pretrained_cfg` holds the mean and std it was trained
-with, per channel on the 0-255 pixel scale (not torchvision's 0-1).
+with, per channel on timm's 0-1 scale. The model meets timm's model contract (feature maps for a neck,
+`pretrained_cfg`, gradient checkpointing) in the last section of its class.
 
     import torch, uninext
-    model = uninext.create_model("T", "window")   # UniNeXt-T with local window attention, 23.52M params
+    model = uninext.create_model("T", "window")   # UniNeXt-T with local window attention
     model(torch.randn(1, 3, 224, 224)).shape       # (1, 1000)
     model = uninext.load("checkpoints/fashion-mnist-window-uninext")   # trained, ready to use
 """
@@ -53,6 +54,7 @@ with, per channel on the 0-255 pixel scale (not torchvision's 0-1).
 import functools
 import math
 import pickle
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -107,8 +109,10 @@ class DropPath(nn.Module):
 class ConvStem(nn.Module):
     """UniNeXt's stem: three 3x3 convs, each followed by LayerNorm (not BatchNorm) and GELU, the first with
     stride `stride // 2`, then the usual strided-conv downsampling to the first stage's width. It sees
-    overlapping neighbourhoods before the first block, for 7% of UniNeXt-T's MACs (window; 4-9% over the
-    mixers) and 21% of N32's (18-25%: its first three convs run at 32x32). Total stride 4, or 2 at 32x32."""
+    overlapping neighbourhoods before the first block. Each 3x3 conv costs 9 x C_in x C_out MACs per
+    output token, and the first three run at 1 / (stride / 2) of the image's resolution: half of it at
+    stride 4, all of it at the small-image stride 2, which is why the stem weighs more in a small-image
+    model (README gives the shares). Total stride 4, or 2 at 32x32."""
 
     def __init__(self, in_chans, dim, stride):
         super().__init__()
@@ -165,7 +169,8 @@ class ICMLP(nn.Module):
     """The channel MLP, fc1 (C -> 4C) -> GELU -> fc2 (4C -> C). With HdC (High-dimensional Convolution)
     it becomes UniNeXt's ICMLP (Inner Convolution MLP): a residual depthwise 3x3 conv, LayerNorm and GELU
     in the 4C-wide hidden layer, `h = h + GELU(LN(DWConv(h)))`. The conv mixes neighbours where the
-    features are richest, for 9 MACs per hidden channel per token (about 2% of the MLP's own cost)."""
+    features are richest, for 9 MACs per hidden channel per token (the MLP's Linears cost 8C per hidden
+    channel, so HdC adds 9 / 8C of them: 2% at C = 64)."""
 
     def __init__(self, dim, hidden, hdc):
         super().__init__()
@@ -396,6 +401,7 @@ def cached(function):
         with torch.inference_mode(False):
             return cache(*args)
 
+    call.cache_clear = cache.cache_clear
     return call
 
 
@@ -816,9 +822,8 @@ SMALL_SIZES = {
 #     coarse relative to the object, and the same number of tokens per window as at 224 in stage 1;
 #   - cut the third stage from 18 to 6 blocks (T32) or 3 (N32): the data is 50x smaller than ImageNet and
 #     the 4x4 grid of stage 3 has little left to mix;
-#   - T32 keeps T's widths (10.6M parameters with `conv`, 13.4M with `window`, at 100 classes: about
-#     ResNet-18's 11.2M, the usual CIFAR baseline); N32 halves them and uses 16-dimensional heads (1.6M
-#     with `conv`, 1.9M with `window`), to train on two CPU cores.
+#   - T32 keeps T's widths (about ResNet-18's size, the usual CIFAR baseline: README gives the counts);
+#     N32 halves them and uses 16-dimensional heads, to train on two CPU cores.
 PRESETS = {
     "T": dict(dims=(64, 128, 256, 512), depths=(2, 2, 18, 2), sizes=IMAGENET_SIZES),
     "S": dict(dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), sizes=IMAGENET_SIZES),
@@ -878,7 +883,7 @@ class UniNeXt(nn.Module):
     def forward_features(self, x):
         """(B, in_chans, H, W) -> the last stage's map after the final LayerNorm, (B, H/32, W/32, 8C), in the
         (B, H, W, C) layout that `output_fmt` declares, as timm's Swin."""
-        check_images(x, self.cfg.in_chans, self.norm.weight.dtype, self.min_size)
+        x = check_images(x, self.cfg.in_chans, next(self.stem.parameters()).dtype, self.min_size)
         x = self.stem(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
         for stage in self.stages:
             x = stage(x)
@@ -940,7 +945,7 @@ class UniNeXt(nn.Module):
         `global_pool` "avg" or "" (no pooling), when given, replaces the pooling."""
         self.cfg = replace(self.cfg, num_classes=num_classes, global_pool=self.cfg.global_pool
                            if global_pool is None else global_pool)
-        like = self.norm.weight  # where and in what dtype the model's features are
+        like = next(self.stem.parameters())  # where and in what dtype the model lives
         self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
                      if num_classes else nn.Identity())
         self.head.apply(self._init_weights)
@@ -968,7 +973,7 @@ class UniNeXt(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take = stage_indices(indices, len(self.stages))
-        check_images(x, self.cfg.in_chans, self.norm.weight.dtype, self.min_size)
+        x = check_images(x, self.cfg.in_chans, next(self.stem.parameters()).dtype, self.min_size)
         x = self.stem(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
         maps = []
         for i, stage in enumerate(self.stages[:max(take) + 1] if stop_early else self.stages):
@@ -1002,9 +1007,10 @@ def stage_indices(indices, n):
 
 
 def check_images(x, in_chans, dtype, min_size):
-    """Refuse images the model cannot take, with what is wrong and the fix. `torch.fx.wrap` below makes it
-    one opaque call in an fx-traced graph, so that torchvision's `create_feature_extractor` can trace the
-    model (its checks run on the traced model's real inputs)."""
+    """x, or a ValueError that says what is wrong with it and the fix. `torch.fx.wrap` below makes it one
+    opaque call in an fx-traced graph, so that torchvision's `create_feature_extractor` can trace the model;
+    the model goes on with what it returns, so that the check stays in the traced graph and runs on its
+    real inputs."""
     if x.dim() != 4 or x.shape[1] != in_chans or x.shape[0] == 0:
         raise ValueError(f"expected images of shape (B, {in_chans}, H, W) with B >= 1, got {tuple(x.shape)}")
     if x.dtype != dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
@@ -1013,6 +1019,7 @@ def check_images(x, in_chans, dtype, min_size):
     if min(x.shape[2:]) < min_size:
         raise ValueError(f"a {x.shape[2]}x{x.shape[3]} image is too small for this layout (total stride "
                          f"{min_size}): height and width must be at least {min_size}")
+    return x
 
 
 torch.fx.wrap("check_images")
@@ -1066,14 +1073,13 @@ def load(path, map_location="cpu"):
         path = found[0]
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} is not a UniNeXt checkpoint: it holds objects other than tensors and plain "
-                         f"values, which load() does not read") from e
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
-            raise
-        raise ValueError(f"{path} is not a UniNeXt checkpoint: torch cannot read it ({type(e).__name__}; a "
-                         f"truncated or corrupted file, or not a torch file)") from e
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as e:  # torch's own message would advise loading with weights_only=False: not ours
+        why = ("it holds objects other than tensors and plain values, which load() does not read"
+               if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path) else
+               f"torch cannot read it ({type(e).__name__}): a truncated or corrupted file, or not a torch file")
+        raise ValueError(f"{path} is not a UniNeXt checkpoint: {why}") from None
     keys = ("model_config", "model", "normalisation")
     if not isinstance(checkpoint, dict) or not all(checkpoint.get(k) for k in keys):
         raise ValueError(f"{path} is not a UniNeXt checkpoint: it lacks {' or '.join(keys)} (a baseline's "
