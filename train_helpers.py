@@ -1,12 +1,14 @@
 """The machinery train_minimal.py needs and its reader need not study, apart so that the script reads as the recipe.
 
-The checks on options, devices and processes; the dataset readers; and the bookkeeping of a run (`Tracker`:
-exact resume, NaN checks, progress, Ctrl-C and SIGTERM, a locked run folder, files written atomically,
-metrics, curves, the summary). Nothing here imports train_minimal.py.
+The checks on options, devices and processes; the run folder's lock (`hold_out`); the dataset readers; and the
+bookkeeping of a run (`Tracker`: exact resume, NaN checks, progress, Ctrl-C and SIGTERM, files written
+atomically, metrics, curves, the summary). Nothing here imports train_minimal.py.
 """
 
 import csv
 import dataclasses
+import errno
+import filecmp
 import gzip
 import json
 import math
@@ -18,7 +20,7 @@ import signal
 import struct
 import time
 import zlib
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 try:
@@ -26,6 +28,7 @@ try:
 except ImportError:
     fcntl = None
 
+import numpy as np
 from PIL import Image
 import torch
 import torch.distributed as dist
@@ -72,12 +75,12 @@ def check_options(args):
         (args.batch_size < 1, "--batch-size must be at least 1"),
         (not 0 < args.lr < math.inf, "--lr must be a positive number"),
         (not 0 <= args.weight_decay < math.inf, "--weight-decay must be a number, 0 or more"),
-        (args.crop < 0, "--crop is a padding in pixels, 0 or more"),
+        (not 0 <= args.crop <= 16, "--crop pads a 32x32 image: 0 to 16 pixels (more, and crops are mostly padding)"),
         (not 0 <= args.warmup < 1, "--warmup is a fraction of the steps, in [0, 1)"),
         (not 0 <= args.label_smoothing < 1, "--label-smoothing is in [0, 1), 0 = off"),
         (not 0 <= args.drop_path < 1, "--drop-path is a probability in [0, 1), 0 = off"),
-        (not 0 <= args.mixup < math.inf, "--mixup is a Beta parameter, 0 = off"),
-        (not 0 <= args.cutmix < math.inf, "--cutmix is a Beta parameter, 0 = off"),
+        (not (args.mixup == 0 or 0.01 <= args.mixup < math.inf), "--mixup is a Beta parameter: 0 = off, or 0.01 up"),
+        (not (args.cutmix == 0 or 0.01 <= args.cutmix < math.inf), "--cutmix is a Beta parameter: 0 = off, or 0.01 up"),
         (not 0 <= args.ema < 1, "--ema is a decay in [0, 1), 0 = off"),
         (args.clip_grad is not None and not 0 < args.clip_grad < math.inf, "--clip-grad is a norm, more than 0"),
         (not 0 <= args.seed < 2 ** 32, "--seed is in [0, 2**32)"),
@@ -85,25 +88,68 @@ def check_options(args):
         (args.eval_every < 0, "--eval-every must be 0 or more"),
         (args.train_size is not None and args.train_size < 1, "--train-size must be at least 1"),
         (args.eval_only and not args.resume, "--eval-only evaluates a stored run: give it --resume DIR"),
-        (args.resume and Path(args.out).resolve() != Path(args.resume).resolve(),
+        (args.resume and os.path.realpath(args.out) != os.path.realpath(args.resume),
          "--resume continues the run in its own folder: drop --out"),
     ] if bad]
     if problems:
         raise UsageError("; ".join(problems))
+    for option in ["--out", "--resume"]:
+        if getattr(args, option[2:]) is not None:
+            run_folder(option, getattr(args, option[2:]))
 
 
-def check_out(args):
-    """Refuse, before any expensive work, an --out that cannot hold this run or that holds another one."""
-    out, place = Path(args.out), Path(args.out).absolute()
-    while not place.exists():
-        place = place.parent
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
-    if not (place.is_dir() and os.access(place, os.W_OK | os.X_OK)):
-        raise UsageError(f"--out {out}: cannot write into {place} (no permission, or a read-only file system)")
-    if not args.resume and not args.overwrite and any((out / name).exists() for name in RUN_FILES):
-        raise UsageError(f"{out} holds a run already: continue it with --resume {shlex.quote(str(out))}, "
-                         f"choose another --out, or replace it with --overwrite")
+def run_folder(option, folder):
+    """`folder` as a Path, or a UsageError if it is empty or the file system's root."""
+    if folder == "" or os.path.realpath(folder) == os.path.dirname(os.path.realpath(folder)):
+        raise UsageError(f"{option} {folder!r}: give a folder of its own for the run, not '' or the root")
+    return Path(folder)
+
+
+@contextmanager
+def hold_out(out, resume, overwrite, first=True):
+    """Hold the run folder `out` for this run, before any expensive work: refuse one that cannot hold it, lock
+    it, and only then, so that no other run can start or end in between, refuse one that holds another run.
+    The lock is fcntl's record lock: it belongs to this process alone, so DataLoader workers forked from it do
+    not hold it, and it goes with the process, kill -9 included. Only the `first` of several processes holds
+    it; a folder that this run created and left without a run file is removed."""
+    out = Path(out)
+    with ExitStack() as stack:
+        try:
+            place = out.absolute()
+            while not (place.exists() or place.is_symlink()):
+                place = place.parent
+            if place == out.absolute() and not place.is_dir():
+                raise UsageError(f"--out {out} is {'a link that leads nowhere' if place.is_symlink() else 'a file'}, "
+                                 f"not a folder: choose another --out")
+            if not (place.is_dir() and os.access(place, os.W_OK | os.X_OK)):
+                raise UsageError(f"--out {out}: cannot write into {place} (not a folder, no permission, or a "
+                                 f"read-only file system)")
+            if first:
+                created = not out.is_dir()
+                out.mkdir(parents=True, exist_ok=True)
+                lock = stack.enter_context(open(out / ".lock", "w"))
+        except OSError as e:  # a loop of links, a name too long, a full inode table, another user's lock file...
+            raise UsageError(f"--out {out}: cannot hold a run there ({first_line(e)}): choose another --out") from None
+        if not first:
+            yield
+            return
+        try:
+            if fcntl is not None:  # POSIX; on Windows the folder is not locked
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise UsageError(f"another process is writing into {out}: wait for it to end, or choose another "
+                             f"--out") from None
+        if not resume and not overwrite and any((out / name).exists() for name in RUN_FILES):
+            raise UsageError(f"{out} holds a run already: continue it with --resume {shlex.quote(str(out))}, "
+                             f"choose another --out, or replace it with --overwrite")
+        try:
+            yield
+        finally:
+            if created and [f.name for f in out.iterdir()] == [".lock"]:
+                (out / ".lock").unlink()
+                out.rmdir()
 
 
 def start_processes(args):
@@ -259,7 +305,8 @@ class FolderData:
                                v2.PILToTensor()])
         test_tf = v2.Compose([v2.Resize(size * 8 // 7), v2.CenterCrop(size), v2.PILToTensor()])
         try:
-            self.train_set = datasets.ImageFolder(root / "train", transform=train_tf, loader=read_image)
+            refuse_repeated_folders([root / "train", root / "val"])
+            self.train_set = SeededImageFolder(root / "train", args.seed, transform=train_tf, loader=read_image)
             classes = self.train_set.class_to_idx
             unknown = sorted({e.name for e in os.scandir(root / "val") if e.is_dir()} - classes.keys())
             if unknown:
@@ -269,6 +316,9 @@ class FolderData:
                                                  allow_empty=True)
         except (FileNotFoundError, OSError) as e:
             raise UsageError(f"cannot read the image folders in {root}: {e}") from None
+        if not self.test_set.samples:
+            raise UsageError(f"{root / 'val'} holds no images: the run would train, then have nothing to test "
+                             f"on; put test images in {root / 'val'}/<class>/")
         # Label the test images with the training set's class indices, also when val/ lacks some classes.
         self.test_set.samples = [(path, classes[self.test_set.classes[t]]) for path, t in self.test_set.samples]
         self.test_set.targets = [t for _, t in self.test_set.samples]
@@ -279,18 +329,23 @@ class FolderData:
         self.args, self.device, self.rank, self.world = args, device, rank, world
         self.local_batch = args.batch_size // world
         self.steps_per_epoch = self.num_train // args.batch_size
+        for _ in tqdm(self.test_batches(), desc=f"reading {root / 'val'}", unit="batch", leave=False,
+                      disable=rank != 0):
+            pass  # every test image read once now: a damaged one stops the run before training, not after it
 
     def train_batches(self, epoch, start=0):
-        mine, g = epoch_batches(self.args, epoch, start, self.num_train, self.rank, self.world)
-        return self.batches(self.train_set, mine.tolist(), seed=g.initial_seed())
+        mine, _ = epoch_batches(self.args, epoch, start, self.num_train, self.rank, self.world)
+        return self.batches(self.train_set, [[(i, epoch) for i in ids] for ids in mine.tolist()])
 
     def test_batches(self):
         mine = torch.arange(self.rank, self.num_test, self.world).split(2 * self.local_batch)
-        return self.batches(self.test_set, [ids.tolist() for ids in mine], seed=0)
+        return self.batches(self.test_set, [ids.tolist() for ids in mine])
 
-    def batches(self, dataset, batches, seed):
+    def batches(self, dataset, batches):
+        # The loader's own generator seeds its workers, so that starting them draws nothing from the training's
+        # random stream; what they draw does not matter, as SeededImageFolder seeds each image itself.
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.args.workers,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator())
         try:
             for images, labels in loader:  # (B, C, H, W) uint8
                 images = images.to(self.device, non_blocking=True).permute(0, 2, 3, 1)  # (B, H, W, C)
@@ -299,10 +354,50 @@ class FolderData:
             raise UsageError(str(e).strip().splitlines()[-1].split("UsageError: ", 1)[-1]) from None
 
 
+class SeededImageFolder(datasets.ImageFolder):
+    """An ImageFolder read by (index, epoch) keys, which draws an image's random augmentation from torch's
+    generator seeded by (seed, epoch, index) alone: the same whichever worker process reads the image, so that
+    a run resumed half-way through an epoch, with any number of --workers, augments as one never stopped."""
+
+    def __init__(self, root, seed, **kwargs):
+        super().__init__(root, **kwargs)
+        self.seed = seed
+
+    def __getitem__(self, key):
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):  # the reader's own stream is left as it was (--workers 0)
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+            return super().__getitem__(index)
+
+
+def refuse_repeated_folders(roots):
+    """Refuse data that reaches a folder twice through a link (torchvision follows links): a link back up the
+    tree reads the images again and again, and one into another class's folder trains them under this class."""
+    seen = {}
+    for root in roots:
+        for folder, _, _ in os.walk(root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                raise UsageError(f"{folder} and {seen[real]} are one folder, {real}, reached through a link: its "
+                                 f"images would be read twice (and labelled by the wrong class); remove the link")
+            seen[real] = folder
+
+
 def read_image(path):
-    """An image file as an RGB PIL image (torchvision's default loader), or an error that names the file."""
+    """An image file as an RGB PIL image, or an error that names the file. 8-bit images as torchvision reads
+    them; 16-bit grey ones (PNG, TIFF) scaled by their depth to 0-255, where a plain conversion would clip
+    them; images of 32-bit or floating-point values, which have no agreed range, refused."""
     try:
-        return datasets.folder.pil_loader(path)
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):  # PNG: 16 bits at most
+                grey = (np.asarray(image, dtype=np.uint32) + 128) // 257  # 0-65535 -> 0-255, rounded
+                return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+            if image.mode in ("I", "F"):
+                raise UsageError(f"{path} holds {'32-bit integer' if image.mode == 'I' else 'floating-point'} "
+                                 f"pixels, whose range the file does not say: save it with 8 or 16 bits per "
+                                 f"channel")
+            return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path} cannot be read as an image ({first_line(e)}): remove or replace it, then run "
                          f"again (--resume continues from the last checkpoint, if there is one)") from None
@@ -318,8 +413,8 @@ class Tracker:
     of every step, on the device, so that a step never waits for the GPU; and two clocks, wall seconds and
     the CPU-seconds that the processes spend training. Every `log_every` steps, at the same step on every
     process, one sync checks for NaN, logs, shows progress and agrees on stopping; every epoch ends with its
-    metrics row, last.pt (and best.pt), the CSVs and the plot. As a context manager it holds the run folder's
-    lock and turns Ctrl-C and SIGTERM into a clean stop."""
+    metrics row, last.pt (and best.pt), the CSVs and the plot. As a context manager, inside `hold_out`, it
+    clears a replaced run's files, completes a resumed run's, and turns Ctrl-C and SIGTERM into a clean stop."""
 
     def __init__(self, args, out, data, device, rank, world, progress, log_every, state):
         self.args, self.out, self.data, self.device, self.rank, self.world = args, out, data, device, rank, world
@@ -327,24 +422,17 @@ class Tracker:
         self.state = state  # model, optimizer, scheduler, scaler, ema: what a checkpoint holds
 
     def __enter__(self):
-        with ExitStack() as stack:  # what is held is let go again if anything below fails
-            if self.rank == 0:
-                self.out.mkdir(parents=True, exist_ok=True)
-                lock = stack.enter_context(open(self.out / ".lock", "w"))
-                if fcntl is not None:  # POSIX; on Windows the folder is not locked
-                    try:  # held until the file closes; the operating system drops it when the process ends
-                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        raise UsageError(f"another process is writing into {self.out}: wait for it to end, or "
-                                         f"choose another --out") from None
-                progress = self.progress
+        with ExitStack() as stack:  # the signal handlers are put back if anything below fails
+            if self.rank == 0:  # the run folder is held (hold_out) by the time the Tracker starts
+                progress, last, best = self.progress, self.out / "last.pt", self.out / "best.pt"
                 if self.args.overwrite and not self.args.resume:  # no file of the replaced run may outlive it
                     for name in [*RUN_FILES, "curves.png"]:
                         (self.out / name).unlink(missing_ok=True)
                 if progress["history"]:  # a resumed run: finish what a stop after last.pt left unwritten
-                    best = progress["best"]
-                    if best and progress["step"] == 0 and best["epoch"] == progress["epoch"] - 1:
-                        copy_atomically(self.out / "last.pt", self.out / "best.pt")  # last.pt is the best state
+                    stored = progress["best"]
+                    if (stored and progress["step"] == 0 and stored["epoch"] == progress["epoch"] - 1
+                            and not (best.exists() and filecmp.cmp(last, best, shallow=False))):
+                        copy_atomically(last, best)  # last.pt is the best state, and best.pt is not yet a copy
                     write_records(self.out, progress, self.log_every)
             self.requested = None  # set by the first Ctrl-C or SIGTERM: "Ctrl-C" or "SIGTERM"
             self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -380,11 +468,10 @@ class Tracker:
         return self.start
 
     def bar(self, batches):
-        """(step, batch) for the epoch's batches; times the training pass. The progress bar counts the steps of
-        the whole run, so that tqdm's estimate of the time left is the run's."""
-        self.progress_bar = tqdm(batches, total=self.args.epochs * self.steps,
-                                 initial=(self.epoch - 1) * self.steps + self.start, unit="step",
-                                 desc=f"epoch {self.epoch}/{self.args.epochs}", disable=self.rank != 0, leave=False,
+        """(step, batch) for the epoch's batches; times the training pass. The progress bar is the epoch's, so
+        that a finished epoch's bar ends full (green in a notebook) and only a stopped one ends short (red)."""
+        self.progress_bar = tqdm(batches, total=self.steps, initial=self.start, unit="step",
+                                 desc=f"epoch {self.epoch}/{self.args.epochs}", disable=self.rank != 0,
                                  dynamic_ncols=True)
         self.tick, self.cpu_tick = time.perf_counter(), time.process_time()
         yield from enumerate(self.progress_bar, self.start)  # the bar closes itself on an error
@@ -412,11 +499,13 @@ class Tracker:
             s = bad[0].item()
             self.diverged(f"the training loss was {seen[s].item()} at epoch {epoch}, step {s + 1} of {steps} "
                           f"(step {(epoch - 1) * steps + s + 1} of the run)", "a lower --lr, or --amp bf16 or off")
-        # The last update can break the weights after a good loss; a tensor with a NaN or an inf sums to one.
-        sums = torch.stack([p.detach().sum() for p in self.state["model"].parameters()])
-        if anyone(not sums.isfinite().all().item(), self.device):
-            self.diverged(f"the weights became NaN or infinite by epoch {epoch}, step {step + 1} of {steps}",
-                          "a lower --lr")
+        # The last update can break the weights, or BatchNorm's running statistics, after a good loss; a tensor
+        # with a NaN or an inf sums to one.
+        params, buffers = list(self.state["model"].parameters()), list(self.state["model"].buffers())
+        finite = torch.stack([t.detach().float().sum() for t in params + buffers]).isfinite()
+        if anyone(not finite.all().item(), self.device):
+            what = "the weights" if not finite[:len(params)].all() else "BatchNorm's running statistics"
+            self.diverged(f"{what} became NaN or infinite by epoch {epoch}, step {step + 1} of {steps}", "a lower --lr")
         seconds, cpu = self.clocks()
         cpu_run = self.cpu_before + all_sum(torch.tensor(cpu, device=self.device)).item()
         if log_now:  # the mean loss and accuracy of the last log_every steps, for curves within an epoch
@@ -524,6 +613,9 @@ def describe_run(args, data, n_params, amp, device, world):
     name = f"{args.size} {args.mixer} {args.arch}" if args.model == "uninext" else args.model
     warning = ("warning: --amp fp16 on a CPU is emulated and can be 30x slower than --amp off\n"
                if amp == "fp16" and device.type == "cpu" else "")
+    if data.num_classes == 1:
+        warning += ("warning: the training images are all of one class, so the model learns nothing: a loss of 0 "
+                    "and 100% top-1 say only that\n")
     return (f"{warning}{args.dataset}: {data.num_train:,} training and {data.num_test:,} test images | {name}, "
             f"{n_params / 1e6:.2f}M parameters | {device_name(device, world)}, "
             f"amp {amp}{', compiled' if args.compile else ''} | {args.out}")
@@ -567,13 +659,28 @@ def replace_atomically(path, write):
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on the disk before the rename, and the rename on the disk after it, so that
+            os.fsync(f.fileno())  # not even a power cut leaves an empty file under the name
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except BaseException as e:  # nothing half-written stays behind, whatever stopped the writing
         tmp.unlink(missing_ok=True)
         if not isinstance(e, (OSError, RuntimeError)):  # a full disk: RuntimeError from torch.save, else OSError
             raise
         kept = f"; the previous {path.name} is intact" if path.exists() else ""
         raise UsageError(f"could not write {path} ({first_line(e)}): is the disk full?{kept}") from None
+
+
+def sync_folder(folder):
+    """Flush a folder's entries (a rename) to the disk; where folders cannot be opened (Windows), nothing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_atomically(source, target):
@@ -596,15 +703,16 @@ def read_checkpoint(path, typical):
     if not (isinstance(config, dict) and isinstance(progress, dict)):
         raise UsageError(f"{problem} (it holds other data); best.pt beside it may still be good")
     # Each stored value has the type that a run writes (a float may be stored as an int), or is None if unset.
-    wrong = [f"option {k}" for k, v in config.items() if v is not None and typical.get(k) is not None
+    wrong = [f"option {k} of the wrong type" for k, v in config.items() if v is not None and typical.get(k) is not None
              and type(v) not in ((float, int) if type(typical[k]) is float else (type(typical[k]),))]
-    wrong += [f"progress field {k}" for k, kinds in PROGRESS.items()
-              if k in progress and type(progress[k]) not in kinds]
-    if not wrong and not all(isinstance(r, dict) and set(METRICS) <= r.keys() for r in progress.get("history", [])):
-        wrong = ["a row of the history"]
+    wrong += [f"progress field {k} missing or of the wrong type" for k, kinds in PROGRESS.items()
+              if type(progress.get(k, ...)) not in kinds]
+    if not wrong and not all(isinstance(r, dict) and set(METRICS) <= r.keys() and all(
+            r[k] is None or type(r[k]) in (int, float) and math.isfinite(r[k]) for k in METRICS)
+            for r in progress["history"]):
+        wrong = ["a missing, non-numeric or non-finite value in the history"]  # a NaN would reach summary.json
     if wrong:
-        raise UsageError(f"{problem} ({wrong[0]} of the wrong type: was it edited by hand?); best.pt beside it "
-                         f"may still be good")
+        raise UsageError(f"{problem} ({wrong[0]}: was it edited by hand?); best.pt beside it may still be good")
     return checkpoint
 
 
@@ -630,10 +738,15 @@ def check_config(stored, args, path):
                          f"new run with another --out")
 
 
-def restore(checkpoint, state, progress, rank=0):
+def restore(checkpoint, state, progress, steps, rank=0):
     """Put every piece of a run (`state`: model, optimizer, scheduler, scaler, EMA; `progress`) back as it was
-    when the checkpoint was written; process `rank` gets its own random state back."""
+    when the checkpoint was written; process `rank` gets its own random state back. `steps`: per epoch."""
     try:
+        stored = checkpoint["progress"]
+        if not (len(stored["history"]) == stored["epoch"] - 1 and 0 <= stored["step"] < steps
+                and (stored["step"] == 0 or len(stored["partial"]["losses"]) == stored["step"])):
+            raise ValueError(f"it stopped at epoch {stored['epoch']}, step {stored['step']} of {steps}, after "
+                             f"{len(stored['history'])} finished epochs")
         for name, part in state.items():
             if part is not None and checkpoint[name]:  # the scaler's is empty when it was saved without fp16
                 part.load_state_dict(checkpoint[name])
@@ -645,7 +758,7 @@ def restore(checkpoint, state, progress, rank=0):
             if states[rank]["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states[rank]["cuda"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise UsageError(f"the checkpoint does not fit this model ({first_line(e)}): it is damaged or from "
+        raise UsageError(f"the checkpoint does not fit this run ({first_line(e)}): it is damaged, edited or from "
                          f"another version of the code") from None
 
 

@@ -30,9 +30,10 @@ imagefolder reads JPEGs through a DataLoader with --workers processes and torchv
 
 A run leaves in --out: metrics.csv, steps.csv, curves.png, last.pt, best.pt (chosen on the test set, so
 optimistic: report the last epoch) and summary.json. Ctrl-C or SIGTERM saves last.pt and prints the command
-that resumes; a resumed run ends exactly as one never stopped. Exit codes: 0 done, 2 bad input, 3 NaN or
-infinite, 130 stopped. The machinery behind all this is in train_helpers.py. Other scripts import this
-file: `train(build_parser().parse_args([...]))` returns the summary dict.
+that resumes; a resumed run ends exactly as one never stopped (bit for bit on a CPU; on a GPU, up to the
+order of floating-point sums). Exit codes: 0 done, 2 bad input, 3 NaN or infinite, 130 stopped. The
+machinery behind all this is in train_helpers.py. Other scripts import this file:
+`train(build_parser().parse_args([...]))` returns the summary dict.
 """
 
 import argparse
@@ -54,9 +55,9 @@ from torchvision.transforms import v2
 import uninext
 import train_helpers
 from train_helpers import (Diverged, FolderData, Tracker, UsageError, all_sum, balanced_subset, check_config,
-                           check_options, check_out, describe_run, device_name, epoch_batches, make_synthetic,
-                           mixed_precision, pick_device, read_cifar, read_fashion_mnist, restore, start_processes,
-                           to_model_input)
+                           check_options, describe_run, device_name, epoch_batches, hold_out, make_synthetic,
+                           mixed_precision, pick_device, read_cifar, read_fashion_mnist, restore, run_folder,
+                           start_processes, to_model_input)
 
 SMALL_DATASETS = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10, "synthetic": 10}  # name: classes
 DATASETS = [*SMALL_DATASETS, "imagefolder"]
@@ -160,7 +161,7 @@ def resolve(args):
     """A copy of `args` with the defaults that depend on other options filled in, checked."""
     args = argparse.Namespace(**vars(args))
     uninext_only = [f"--{k.replace('_', '-')}" for k in ["size", *INGREDIENTS] if getattr(args, k) is not None]
-    if args.model != "uninext" and uninext_only:
+    if args.model != "uninext" and uninext_only and not args.resume:  # resumed: check_config names the change
         raise UsageError(f"{', '.join(uninext_only)}: for --model uninext only; --model {args.model} is a fixed "
                          f"baseline, so drop {'it' if len(uninext_only) == 1 else 'them'}")
     defaults = GPU_DEFAULTS if pick_device(args.device, 0).type == "cuda" else CPU_DEFAULTS  # MPS: a laptop's
@@ -320,15 +321,16 @@ def train(args, checkpoint=None):
     """Train (or, with --eval-only, evaluate) as `args` say and return the summary, also saved as
     summary.json. `checkpoint`: the contents of --resume DIR/last.pt, if the caller has read them already."""
     args = resolve(args)
-    check_out(args)
-    rank, world, device = start_processes(args)
-    try:
-        if args.batch_size % world:
-            raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
-        return run(args, checkpoint, rank, world, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    first = int(os.environ.get("RANK", 0)) == 0  # under torchrun, the first process holds the run folder
+    with nullcontext() if args.eval_only else hold_out(args.out, args.resume, args.overwrite, first):
+        rank, world, device = start_processes(args)
+        try:
+            if args.batch_size % world:
+                raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+            return run(args, checkpoint, rank, world, device)
+        finally:
+            if world > 1:
+                dist.destroy_process_group()
 
 
 def run(args, checkpoint, rank, world, device):
@@ -364,7 +366,7 @@ def run(args, checkpoint, rank, world, device):
     state = dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, ema=ema)
     progress = {"epoch": 1, "step": 0, "history": [], "log": [], "best": None, "partial": None}
     if checkpoint is not None:
-        restore(checkpoint, state, progress, rank)
+        restore(checkpoint, state, progress, data.steps_per_epoch, rank)
     judged = ema.module if ema else model  # the weights that are tested and reported
     if args.eval_only:
         test_loss, test_acc1 = evaluate(judged, data, autocast)
@@ -438,8 +440,8 @@ def main(argv=None):
     talk = int(os.environ.get("RANK", 0)) == 0  # under torchrun, only the first process prints errors
     try:
         checkpoint = None
-        if args.resume:
-            checkpoint = read_checkpoint(Path(args.resume) / "last.pt")
+        if args.resume is not None:
+            checkpoint = read_checkpoint(run_folder("--resume", args.resume) / "last.pt")
             stored = {k: v for k, v in checkpoint["config"].items() if k not in ("resume", "out")}
             args = parser.parse_args(argv, namespace=argparse.Namespace(**stored))  # argv overrides stored
         return train(args, checkpoint)
