@@ -481,7 +481,7 @@ def test_an_image_folder_run_resumes_exactly_with_any_number_of_workers(tmp_path
     root = image_folder(tmp_path / "images", {("train", "cat"): 8, ("train", "dog"): 8, ("val", "cat"): 4,
                                               ("val", "dog"): 4})
     argv = ["--dataset", "imagefolder", "--data-dir", root, "--size", "N32", "--device", "cpu", "--batch-size",
-            "4", "--epochs", "2", "--mixup", "0.8", "--drop-path", "0.1"]
+            "4", "--epochs", "2", "--eval-every", "0", "--mixup", "0.8", "--drop-path", "0.1"]
     monkeypatch.setattr(tm, "LOG_EVERY", RESUME_LOG_EVERY)
     train(*argv, "--workers", "0", "--out", tmp_path / "never_stopped")
     interrupt_at(monkeypatch, 2, 1, data=tm.FolderData)
