@@ -35,7 +35,7 @@ Mixers (`MIXERS`), each a module (B, H, W, C) -> (B, H, W, C):
 Layout: one (B, H, W, C) tensor ("NHWC") flows through the whole network. LayerNorm and Linear act on its
 last dimension directly; convolutions see `x.permute(0, 3, 1, 2)`, a channels_last NCHW view of the same
 memory (see `Conv` for when that costs a copy). All attention runs through `F.scaled_dot_product_attention`,
-with windows and stripes folded into its batch dimension; `record_attention` switches to a readable manual
+with windows and stripes folded into its head dimension; `record_attention` switches to a readable manual
 path that also returns the attention probabilities.
 
 Weights: the architecture is exact to the parameter against the authors' release, but no ImageNet weights
@@ -289,7 +289,11 @@ class Mixer(nn.Module):
         return self.ec(v)
 
     def forward(self, x):
-        out, v = self.mix(x)
+        mixed = self.mix(x)
+        if not (isinstance(mixed, tuple) and len(mixed) == 2):
+            raise TypeError(f"{type(self).__name__}.mix must return (output, the map EC convolves), got "
+                            f"{type(mixed).__name__}")
+        out, v = mixed
         return out if self.ec is None else out + self.embedded_conv(v)
 
 
@@ -356,6 +360,11 @@ def window_reverse(windows, wh, ww, H, W):
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
+def round_up(n, m):
+    """The smallest multiple of m that is >= n: the size a map of n rows (columns) is padded to."""
+    return -(-n // m) * m
+
+
 def pad_to_multiple(x, mh, mw):
     """Zero-pad (B, H, W, C) at the bottom and right so that H, W become multiples of mh, mw."""
     ph, pw = -x.shape[1] % mh, -x.shape[2] % mw
@@ -411,7 +420,7 @@ def blocked_pairs(H, W, wh, ww, sh, sw, device):
     wh x ww window, rolled by -(sh, sw) and cut into windows; None when nothing is blocked. Blocked are
     padded keys (padded queries may see them, so that no row is empty), and keys that Swin's roll brought
     next to the query from the far edge of the map. Built once per shape and device."""
-    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    Hp, Wp = round_up(H, wh), round_up(W, ww)
     blocked = None
     if (Hp, Wp) != (H, W):
         ids = grid_ids(Hp, Wp, device)
@@ -485,7 +494,7 @@ def dense_attention_maps(probs, record, H, W, window, shift):
     """Hand `record` the window probabilities (B, nW*heads, N, N) as full maps (B, heads, H*W, H*W) over
     the tokens of the H x W map, zero outside each query's window. Which token sits in which window slot
     comes from partitioning a grid of indices exactly as the tokens were padded, rolled and partitioned."""
-    Hp, Wp = -(-H // window[0]) * window[0], -(-W // window[1]) * window[1]
+    Hp, Wp = round_up(H, window[0]), round_up(W, window[1])
     ids = window_partition(roll(grid_ids(Hp, Wp, probs.device), (-shift[0], -shift[1])), *window)[0, ..., 0]
     nW, N = ids.shape  # (nW, N): the grid index of every window slot
     B, heads = probs.shape[0], probs.shape[1] // nW
@@ -566,8 +575,8 @@ class WindowAttention(AttentionMixer):
 
     def mix(self, x):
         B, H, W, C = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # no k bias
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, H, W, 3C)
+        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # no k bias
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)  # (B, H, W, 3C)
         window = (min(self.window, H), min(self.window, W)) if self.window else (H, W)
         shift = tuple(self.shift if w < n else 0 for w, n in zip(window, (H, W)))  # no shift in one window
         bias = self.rel_pos(*window) if self.rel_pos is not None else None  # (heads, N, N)
@@ -645,7 +654,7 @@ class CrossShapedWindowAttention(AttentionMixer):
             stripes = window_partition(pad_to_multiple(part, wh, ww), wh, ww)  # (B, nW, wh*ww, c)
             nW, c = stripes.shape[1], stripes.shape[-1]
             stripes = conv(stripes.reshape(B * nW, wh, ww, c)).reshape(B, nW, wh * ww, c)
-            outs.append(crop(window_reverse(stripes, wh, ww, -(-H // wh) * wh, -(-W // ww) * ww), H, W))
+            outs.append(crop(window_reverse(stripes, wh, ww, round_up(H, wh), round_up(W, ww)), H, W))
         return torch.cat(outs, dim=-1)
 
 
@@ -754,6 +763,9 @@ class Config:
     def __post_init__(self):
         """Refuse a configuration that would fail deep inside the model, or build something else silently."""
         problems = []
+        for name in ("dims", "depths", "mixer_size"):  # tuples, so that a Config can be hashed and compared
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         mixer = MIXERS.get(self.mixer) if isinstance(self.mixer, str) else None
         if mixer is None:
             problems.append(f"mixer must be one of {', '.join(MIXERS)}, got {self.mixer!r}")
@@ -910,6 +922,10 @@ class UniNeXt(nn.Module):
         return self.cfg.num_classes
 
     @property
+    def global_pool(self):
+        return self.cfg.global_pool
+
+    @property
     def head_hidden_size(self):
         return self.num_features  # the head has no hidden layer: the pooled features go straight to it
 
@@ -917,7 +933,7 @@ class UniNeXt(nn.Module):
     def feature_info(self):
         """One entry per stage: its width, its stride, and the module that outputs it."""
         return [dict(num_chs=self.cfg.dims[i], reduction=self.cfg.stem_stride * 2 ** i, module=f"stages.{i}")
-                for i in range(4)]
+                for i in range(len(self.stages))]
 
     @property
     def default_cfg(self):
@@ -969,26 +985,28 @@ class UniNeXt(nn.Module):
         counted from the end), at strides 4, 8, 16, 32 (2 to 16 for the small-image presets): the pyramid
         for a detection or segmentation neck. `norm` applies the final LayerNorm to the last stage's map
         (the others are the raw residual stream); `stop_early` skips the stages after the last one taken;
-        `output_fmt` "NCHW" gives channels_last (B, C_i, H_i, W_i) views, "NHWC" the maps as they are."""
+        `output_fmt` "NCHW" gives channels_last (B, C_i, H_i, W_i) views, "NHWC" the maps as they are.
+        When it stops before the last stage, `final` is the last map computed, without the final norm."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take = stage_indices(indices, len(self.stages))
         x = check_images(x, self.cfg.in_chans, next(self.stem.parameters()).dtype, self.min_size)
         x = self.stem(x.permute(0, 2, 3, 1))  # (B, H/4, W/4, C)
-        maps = []
+        maps, last = [], len(self.stages) - 1
         for i, stage in enumerate(self.stages[:max(take) + 1] if stop_early else self.stages):
             x = stage(x)
             if i in take:
-                out = self.norm(x) if norm and i == len(self.stages) - 1 else x
+                out = self.norm(x) if norm and i == last else x
                 maps.append(out.permute(0, 3, 1, 2) if output_fmt == "NCHW" else out)
-        return maps if intermediates_only else (self.norm(x), maps)
+        return maps if intermediates_only else (self.norm(x) if i == last else x, maps)
 
     def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
         """Drop the stages after the last that `indices` takes (and the final norm, the head) so that a
-        feature extractor carries no unused weights; returns the stage indices taken."""
+        feature extractor carries no unused weights; returns the stage indices taken. The final norm, made
+        for the last stage's width, goes too when that stage does."""
         take = stage_indices(indices, len(self.stages))
         self.stages = self.stages[:max(take) + 1]
-        if prune_norm:
+        if prune_norm or len(self.stages) < 4:
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
@@ -1062,7 +1080,7 @@ def load(path, map_location="cpu"):
     (its model.pt, as in checkpoints/, else the last.pt of a run folder), with the weights that were tested
     (the EMA's when the run kept one). The checkpoint holds the model's Config, so nothing else (data,
     command line) is needed; `model.pretrained_cfg` gives the input normalisation it was trained with, on
-    timm's 0-1 scale. Only tensors and plain values are read (`weights_only`): a file that holds code is
+    timm's 0-1 scale. It is read on the CPU, then moved to `map_location`. Only tensors and plain values are read (`weights_only`): a file that holds code is
     refused, never run. Anything that is not such a checkpoint raises one ValueError that says why."""
     path = Path(path)
     if path.is_dir():
@@ -1072,13 +1090,14 @@ def load(path, map_location="cpu"):
                                     f"train_minimal.py run): pass one of those files or such a folder")
         path = found[0]
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as e:  # torch's own message would advise loading with weights_only=False: not ours
-        why = ("it holds objects other than tensors and plain values, which load() does not read"
-               if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path) else
-               f"torch cannot read it ({type(e).__name__}): a truncated or corrupted file, or not a torch file")
+        why = (f"torch cannot read it ({type(e).__name__}): a truncated or corrupted file, or not a torch file"
+               if not isinstance(e, pickle.UnpicklingError) else "it holds objects other than tensors and "
+               "plain values (code, which load() never runs)" + ("" if zipfile.is_zipfile(path) else ", or is "
+               "not a torch file at all"))
         raise ValueError(f"{path} is not a UniNeXt checkpoint: {why}") from None
     keys = ("model_config", "model", "normalisation")
     if not isinstance(checkpoint, dict) or not all(checkpoint.get(k) for k in keys):
@@ -1091,6 +1110,9 @@ def load(path, map_location="cpu"):
         model.load_state_dict(state or checkpoint["model"])
         norm = {k: tuple(v / 255 for v in checkpoint["normalisation"][k].tolist()) for k in ("mean", "std")}
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
-        raise ValueError(f"{path} is not a UniNeXt checkpoint this code can rebuild: {e}") from e
+        raise ValueError(f"{path} is not a UniNeXt checkpoint this code can rebuild: {e!r}") from e
+    if not all(len(v) == model.cfg.in_chans for v in norm.values()) or min(norm["std"]) <= 0:
+        raise ValueError(f"{path} is not a UniNeXt checkpoint this code can rebuild: its normalisation needs "
+                         f"a mean and a positive std per channel ({model.cfg.in_chans}), got {norm}")
     model.pretrained_cfg = {**model.pretrained_cfg, **norm, "crop_pct": 1.0}
-    return model.eval()
+    return model.to(map_location).eval()

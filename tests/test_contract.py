@@ -126,6 +126,8 @@ def test_forward_intermediates_stops_early_and_refuses_bad_indices():
     model.stages[3].register_forward_hook(lambda *args: calls.append("stage 4"))
     maps = model.forward_intermediates(images(), indices=[1], stop_early=True, intermediates_only=True)
     assert [m.shape[1] for m in maps] == [64] and calls == []
+    final, maps = model.forward_intermediates(images(), indices=[1], stop_early=True)
+    assert final.shape == (2, 8, 8, 64) and calls == []  # the last map computed, without the final norm
     for bad in [0, 5, [4], [-5], "all", []]:
         with pytest.raises(ValueError, match="indices must be None, a count from 1 to 4"):
             model.forward_intermediates(images(), indices=bad)
@@ -143,6 +145,13 @@ def test_prune_intermediate_layers_keeps_what_the_taken_stages_need(mixer, arch)
         assert len(model.stages) == 2 and isinstance(model.norm, nn.Identity) and model.num_classes == 0
         got = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert [f["module"] for f in model.feature_info] == ["stages.0", "stages.1"]
+
+
+def test_pruning_stages_without_prune_norm_leaves_a_model_that_still_runs():
+    model = small("conv", "uninext").eval()
+    model.prune_intermediate_layers([1])
+    assert model(images()).shape == (2, 8, 8, 64)  # no head, no pooling, no norm made for stage 4's width
 
 
 @pytest.mark.parametrize("mixer, arch", EVERY_MODEL)
@@ -222,6 +231,19 @@ def test_a_registered_mixer_needs_only_its_class_and_mixer_size(monkeypatch):
         uninext.create_model("N32", "shift")
 
 
+class Forgetful(Shift):
+    def mix(self, x):
+        return torch.roll(x, 1, dims=2)  # forgot what EC convolves
+
+
+def test_a_mixer_whose_mix_returns_one_tensor_is_told_what_mix_returns(monkeypatch):
+    monkeypatch.setitem(uninext.MIXERS, "forgetful", Forgetful)
+    for arch in ARCHS:
+        model = uninext.create_model("N32", "forgetful", arch=arch, mixer_size=(0, 0, 0, 0))
+        with pytest.raises(TypeError, match=r"Forgetful.mix must return \(output, the map EC convolves\)"):
+            model(images())
+
+
 def test_a_mixer_that_is_not_a_mixer_subclass_is_refused(monkeypatch):
     monkeypatch.setitem(uninext.MIXERS, "plain", nn.Identity)
     with pytest.raises(ValueError, match=r"MIXERS\['plain'\] must be a subclass of uninext.Mixer"):
@@ -265,6 +287,11 @@ def test_extent_zero_is_the_whole_grid_for_window_mixers():
         assert uninext.create_model("N32", mixer, mixer_size=(0, 0, 0, 0))(images()).shape == (2, 1000)
 
 
+def test_per_stage_lists_become_tuples_so_that_a_config_hashes():
+    cfg = uninext.config("N32", "window", dims=[32, 64, 128, 256], depths=[1, 1, 1, 1])
+    assert cfg.dims == (32, 64, 128, 256) and cfg.depths == (1, 1, 1, 1) and hash(cfg)
+
+
 def test_an_unknown_mixer_in_config_is_refused():
     with pytest.raises(ValueError, match="mixer must be one of pool, conv, window, .* got 'foo'"):
         uninext.Config(mixer="foo")
@@ -298,12 +325,14 @@ def bad_checkpoints():
     extra = dict(good, model=dict(good["model"], **{"stages.0.extra": torch.zeros(1)}))
     return {
         "truncated": (whole[:len(whole) // 2], "torch cannot read it"),
-        "random bytes": (bytes(range(256)) * 40, "torch cannot read it"),
+        "random bytes": (bytes(range(256)) * 40, "not a torch file"),
         "pickled code": ({"model": Code()}, "objects other than tensors and plain values"),
         "another model's weights": (nn.Linear(3, 2).state_dict(), "lacks model_config or model or normalisation"),
         "missing keys": (missing, "Missing key"),
         "extra keys": (extra, "Unexpected key"),
         "unknown config field": (dict(good, model_config=dict(good["model_config"], width=3)), "width"),
+        "no std": (dict(good, normalisation={"mean": torch.zeros(3)}), "'std'"),
+        "std of 0": (dict(good, normalisation={"mean": torch.zeros(3), "std": torch.zeros(3)}), "positive std"),
     }
 
 
