@@ -6,7 +6,7 @@ argues that a well-designed general architecture improves a vision backbone what
 it holds, from pooling to attention, and narrows the gaps between the mixers. It keeps the four-stage
 hierarchical layout of Swin/MetaFormer and changes four things around the mixer:
 
-    conv stem  three 3x3 convs with LayerNorm instead of one 4x4 patch embedding
+    conv stem  three 3x3 convs with LayerNorm, then a strided 3x3 conv, instead of one 4x4 patch embedding
     EC         Embedded Convolution: a depthwise 3x3 conv added to the mixer's output, inside the branch
     HdC        High-dimensional Convolution: a depthwise 3x3 conv in the MLP's 4x wide hidden layer
                (the MLP with it is the ICMLP, Inner Convolution MLP)
@@ -23,7 +23,7 @@ simplest to attention, with the window, mask and attention helpers beside the at
 them, then the configuration and presets, the model, `create_model` and `load`.
 
 Mixers (`MIXERS`), each a module (B, H, W, C) -> (B, H, W, C):
-    identity  no spatial mixing: only EC, HdC and PC move information between positions
+    identity  no spatial mixing: within a stage only EC, HdC and PC move information between positions
     pool      PoolFormer average pooling (Yu et al. 2022)            released by the UniNeXt authors
     conv      ConvNeXt 7x7 depthwise conv (Liu et al. 2022)          released
     window    attention in non-overlapping windows (Swin, no shift)  released
@@ -190,13 +190,16 @@ class Block(nn.Module):
     """One block, pre-norm, whatever the mixer:
 
         x = x + DropPath(Proj(Mixer(LN(x)) + EC(v)))    EC (Embedded Convolution), when on: a depthwise 3x3
-                                                      conv of what the mixer names, V or its input
+                                                      conv of v, the V of LN(x) for window, swin, global
+                                                      and cswin attention, LN(x) itself for the others
         x = x + DropPath(MLP(LN(x)))                  ICMLP when HdC is on
         x = x + PC(x)                                 Post Convolution, when on: a residual depthwise 3x3
                                                       conv outside DropPath, so it is never dropped
 
-    The block gives the mixer its EC, so that EC's weights sit in the mixer (`mixer.ec`) and the mixer's
-    own forward (see `Mixer`) adds it before the projection."""
+    Proj, a Linear, follows every mixer (pooling, conv and identity included), as in the authors' release.
+    The block gives the mixer its EC, so that EC's weights sit in the mixer (`mixer.ec`); the mixer's own
+    forward, shared by all mixers (see `Mixer`), adds EC(v) to its output, so `self.mixer(...)` below
+    already holds `Mixer(LN(x)) + EC(v)`."""
 
     def __init__(self, dim, mixer, *, ec, mlp_ratio, hdc, pc, drop_path):
         super().__init__()
@@ -285,22 +288,23 @@ class Mixer(nn.Module):
     def make_ec(self, dim):
         return DWConv(dim)
 
-    def embedded_conv(self, v):
-        return self.ec(v)
+    def embedded_conv(self, ec_input):
+        return self.ec(ec_input)
 
     def forward(self, x):
         mixed = self.mix(x)
         if not (isinstance(mixed, tuple) and len(mixed) == 2):
             raise TypeError(f"{type(self).__name__}.mix must return (output, the map EC convolves), got "
                             f"{type(mixed).__name__}")
-        out, v = mixed
-        return out if self.ec is None else out + self.embedded_conv(v)
+        out, ec_input = mixed
+        return out if self.ec is None else out + self.embedded_conv(ec_input)
 
 
 class Identity(Mixer):
-    """No spatial mixing: each token only sees itself. In the vanilla architecture this network cannot
-    relate positions at all before the global pool; in UniNeXt, EC, HdC and PC still do, which makes it the
-    most telling ablation of the general architecture. With EC its output is x + EC(x)."""
+    """No spatial mixing: each token only sees itself. In the vanilla architecture nothing inside a stage
+    relates positions (only the patch stem and the strided convs between stages see neighbours); in
+    UniNeXt, EC, HdC and PC do in every block, which makes it the most telling ablation of the general
+    architecture. With EC its output is x + EC(x)."""
 
     def __init__(self, dim, num_heads, extent, *, index, pos):
         super().__init__()
@@ -310,10 +314,12 @@ class Identity(Mixer):
 
 
 class Pooling(Mixer):
-    """PoolFormer's token mixer: `AvgPool(x) - x` over `extent` x `extent` neighbourhoods (3 x 3). The
-    subtraction is there because the block adds x back through its residual; what is left is "my
-    neighbours' mean minus me". No parameters, no position encoding needed (pooling is local). Cost:
-    extent^2 adds per channel per token. EC runs on the input x."""
+    """PoolFormer's token mixer: `AvgPool(x) - x` over `extent` x `extent` neighbourhoods (3 x 3), the mean
+    including the token itself. In PoolFormer the subtraction cancels the residual's x, leaving "the
+    neighbourhood's mean minus me"; here, as in the UniNeXt release, the mixer sees LN(x) and its output
+    goes through Proj, so nothing cancels exactly and the subtraction is kept for parity with both. No
+    parameters, no position encoding needed (pooling is local). Cost: extent^2 adds per channel per token.
+    EC runs on the input x."""
 
     min_extent, odd_extent = 1, True
 
@@ -327,9 +333,9 @@ class Pooling(Mixer):
 
 
 class DepthwiseConv(Mixer):
-    """ConvNeXt's token mixer: one large (7x7) depthwise conv with bias. Local and position-aware by
-    itself. Cost: extent^2 MACs per channel per token (49), extent^2 + 1 parameters per channel. EC runs on
-    the input x."""
+    """ConvNeXt's token mixer: one large (7x7) depthwise conv with bias. Local, and aware of where the image's
+    borders are through its zero padding. Cost: extent^2 MACs per channel per token (49), extent^2 + 1
+    parameters per channel. EC runs on the input x."""
 
     min_extent, odd_extent = 1, True
 
@@ -342,7 +348,9 @@ class DepthwiseConv(Mixer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Attention mixers, and the window, mask and attention helpers that only they use
+# Attention mixers, and the window, mask and attention helpers that only they use. A window mixer's path:
+# its mix() -> attention_mask (blocked_pairs: padding and shift; plus a relative bias) -> attention_in_windows
+# (pad, roll, partition, undo) -> attend (SDPA, or the manual path that records the probabilities).
 
 
 def window_partition(x, wh, ww):
@@ -389,8 +397,10 @@ def grid_ids(Hp, Wp, device):
 
 
 def shift_slices(window, shift):
-    """The three regions of one axis of a map rolled by -shift (Swin): tokens that stayed inside the last
-    window, those that moved in from the window before, and those that wrapped around from the start."""
+    """The three regions of one axis of a map rolled by -shift (Swin), as positions of the rolled map:
+    every window but the last (where no token wrapped around), the last window's first window - shift
+    positions (tokens from the far end of the map), and its last shift positions (tokens that wrapped
+    around from the start)."""
     if not shift:
         return (slice(None),)
     return slice(0, -window), slice(-window, -shift), slice(-shift, None)
@@ -580,7 +590,7 @@ class WindowAttention(AttentionMixer):
         window = (min(self.window, H), min(self.window, W)) if self.window else (H, W)
         shift = tuple(self.shift if w < n else 0 for w, n in zip(window, (H, W)))  # no shift in one window
         bias = self.rel_pos(*window) if self.rel_pos is not None else None  # (heads, N, N)
-        mask = attention_mask(H, W, window, shift, bias, self.num_heads, qkv.dtype, x.device)  # dtype: autocast's
+        mask = attention_mask(H, W, window, shift, bias, self.num_heads, qkv.dtype, x.device)  # autocast's dtype
         out = attention_in_windows(qkv, self.num_heads, window, shift, mask, self.record)  # (B, H, W, C)
         return out, qkv[..., 2 * C:]  # EC convolves V over the whole map
 
@@ -624,7 +634,8 @@ class CrossShapedWindowAttention(AttentionMixer):
         super().__init__(dim, num_heads)
         self.stripe = extent
         self.branches = 1 if extent == 0 else 2
-        self.branch_heads = max(num_heads // self.branches, 1)  # as CSWin: S's 3 heads become 1 + 1 of 48
+        # CSWin splits the heads between the branches: S's 3 heads of 32 channels become 1 + 1 heads of 48
+        self.branch_heads = max(num_heads // self.branches, 1)
         self.qkv = nn.Linear(dim, 3 * dim)
 
     def stripes(self, H, W):
@@ -639,8 +650,8 @@ class CrossShapedWindowAttention(AttentionMixer):
         outs = []
         for b, window in enumerate(self.stripes(H, W)):
             mask = attention_mask(H, W, window, (0, 0), None, self.branch_heads, qkv.dtype, x.device)
-            branch = qkv[..., b, :].flatten(-2)  # (B, H, W, 3*C/branches): this branch's q, k and v
-            outs.append(attention_in_windows(branch, self.branch_heads, window, mask=mask, record=self.record))
+            branch_qkv = qkv[..., b, :].flatten(-2)  # (B, H, W, 3*C/branches): this branch's q, k and v
+            outs.append(attention_in_windows(branch_qkv, self.branch_heads, window, mask=mask, record=self.record))
         return torch.cat(outs, dim=-1), qkv[..., 2, :, :].flatten(-2)  # (B, H, W, C), and V
 
     def make_ec(self, dim):
@@ -660,9 +671,12 @@ class CrossShapedWindowAttention(AttentionMixer):
 
 class SpatialReductionAttention(AttentionMixer):
     """PVT's spatial-reduction attention: queries at full resolution, keys and values from the map shrunk
-    by a strided conv (kernel = stride = `extent`) and a LayerNorm, so every token sees the whole image at
-    1/extent^2 of global attention's cost. Ratio 1 is plain global attention. A map that the ratio does not
-    divide is zero-padded before the reduction. Its V lives on the reduced grid, so EC runs on the input x.
+    by a strided conv (kernel = stride = `extent`) and a LayerNorm, so every token sees the whole image
+    while the attention itself costs 1/extent^2 of global attention's (the reduction conv adds C^2 MACs per
+    token, as much as one more Linear). Ratio 1 is plain global attention. A map that the ratio does not
+    divide is zero-padded before the reduction, without a mask (unlike the window mixers): the border
+    cells of the reduced grid average in zeros, as in the authors' release. Its V lives on the reduced
+    grid, so EC runs on the input x.
     Its original position encoding is PVT v1's absolute embedding, which the stage adds (`pos`)."""
 
     position = "absolute"
@@ -1077,11 +1091,12 @@ def config(size, mixer, *, num_classes=1000, arch="uninext", **overrides):
 
 def load(path, map_location="cpu"):
     """A UniNeXt trained by train_minimal.py, rebuilt from its checkpoint, in eval mode: a file, or a folder
-    (its model.pt, as in checkpoints/, else the last.pt of a run folder), with the weights that were tested
-    (the EMA's when the run kept one). The checkpoint holds the model's Config, so nothing else (data,
-    command line) is needed; `model.pretrained_cfg` gives the input normalisation it was trained with, on
-    timm's 0-1 scale. It is read on the CPU, then moved to `map_location`. Only tensors and plain values are read (`weights_only`): a file that holds code is
-    refused, never run. Anything that is not such a checkpoint raises one ValueError that says why."""
+    (its model.pt, as in checkpoints/, else the last.pt of a run folder), with the weights that were tested (the
+    EMA's when the run kept one). The checkpoint holds the model's Config, so nothing else (data, command line)
+    is needed; `model.pretrained_cfg` gives the input normalisation it was trained with, on timm's 0-1 scale. It
+    is read on the CPU, then moved to `map_location`. Only tensors and plain values are read (`weights_only`): a
+    file that holds code is refused, never run. Anything that is not such a checkpoint raises one ValueError
+    that says why."""
     path = Path(path)
     if path.is_dir():
         found = [path / name for name in ("model.pt", "last.pt") if (path / name).is_file()]

@@ -113,7 +113,7 @@ def test_forward_intermediates_follows_timms_contract(mixer, arch):
         picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
         for got, want in [(last_two, maps[2:]), (picked, [maps[0], maps[3]])]:
             assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
-        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)  # the final norm, last map only
+        normed = model.forward_intermediates(x, norm=True, intermediates_only=True)  # final norm, last map
         assert all(torch.equal(n, m) for n, m in zip(normed[:3], maps[:3]))
         torch.testing.assert_close(normed[3], final.permute(0, 3, 1, 2))
         nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)
