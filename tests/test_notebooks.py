@@ -4,7 +4,8 @@ carries the outputs of a full run, a Colab badge and a first cell that works on 
 what to do outside a clone. One command sets the repository of all four (notebooks/set_repo.py). Notebook
 02 passes its device to every training run, so that a Mac's MPS and a Colab GPU train the same experiment
 as a CPU; its live experiment's seeds are a committed file (experiments/live_experiment.py). Notebook 01's
-build-it-yourself check fails a wrong ingredient and passes the folded answers.
+build-it-yourself check fails a wrong ingredient and passes the folded answers; so does notebook 03's
+check of a home-made window_partition.
 
 The executed copies are thrown away: the committed .ipynb files keep their full-run outputs. Together the
 four fast runs take a few minutes at most on two CPU cores."""
@@ -215,10 +216,11 @@ def test_the_build_it_yourself_check_fails_wrong_ingredients_and_passes_the_fold
     monkeypatch.syspath_prepend(str(NOTEBOOK_DIR))
     import nbhelpers
 
-    answers = next(c for c in code_cells(read(NOTEBOOK_DIR / "01_tour.ipynb")) if "class AnswerPostConv" in c.source)
-    assert answers.metadata["jupyter"]["source_hidden"], "the answers' cell is not folded"
+    folded = next(c.source for c in read(NOTEBOOK_DIR / "01_tour.ipynb").cells if "class AnswerPostConv" in c.source)
+    assert folded.startswith("<details>"), "the answers are not folded: a student would see them before trying"
     namespace = {"nn": nn, "F": torch.nn.functional, "nbhelpers": nbhelpers}
-    exec(answers.source, namespace)  # runs check_ingredient on both answers: an AssertionError fails the test
+    exec("\n".join(re.findall(r"```python\n(.*?)```", folded, re.S)), namespace)  # the folded code, as shown
+    nbhelpers.check_ingredient(namespace["AnswerHdC"], "hdc")  # an AssertionError fails the test
 
     class Conv(nn.Module):  # the answer's shape, with the conv's options open
         def __init__(self, dim, **options):
@@ -236,3 +238,30 @@ def test_the_build_it_yourself_check_fails_wrong_ingredients_and_passes_the_fold
     with pytest.raises(AssertionError, match="parameters"):  # PC where HdC belongs: no LayerNorm
         nbhelpers.check_ingredient(Conv, "hdc")
     nbhelpers.check_ingredient(namespace["AnswerPostConv"], "pc")
+
+
+def test_the_window_partition_check_fails_wrong_partitions_and_passes_the_folded_answer(monkeypatch):
+    monkeypatch.syspath_prepend(str(NOTEBOOK_DIR))
+    import nbhelpers
+
+    folded = next(c.source for c in read(NOTEBOOK_DIR / "03_attention.ipynb").cells
+                  if c.cell_type == "markdown" and "def my_window_partition" in c.source)
+    assert folded.startswith("<details>"), "the answer is not folded: a student would see it before trying"
+    namespace = {}
+    exec("\n".join(re.findall(r"```python\n(.*?)```", folded, re.S)), namespace)  # the folded code, as shown
+    nbhelpers.check_window_partition(namespace["my_window_partition"])  # an AssertionError fails the test
+
+    def split(x, wh, ww):  # (B, H, W, C) -> (B, H/wh, wh, W/ww, ww, C)
+        B, H, W, C = x.shape
+        return x.reshape(B, H // wh, wh, W // ww, ww, C)
+
+    wrong = {"runs along the rows, not windows": lambda x, wh, ww: x.reshape(x.shape[0], -1, wh * ww, x.shape[3]),
+             "windows down the columns first": lambda x, wh, ww: split(x, wh, ww).permute(0, 3, 1, 2, 4, 5)
+             .reshape(x.shape[0], -1, wh * ww, x.shape[3]),
+             "tokens column by column": lambda x, wh, ww: split(x, wh, ww).permute(0, 1, 3, 4, 2, 5)
+             .reshape(x.shape[0], -1, wh * ww, x.shape[3]),
+             "channels split across tokens": lambda x, wh, ww: split(x, wh, ww).permute(0, 1, 3, 2, 4, 5)
+             .reshape(x.shape[0], -1, x.shape[3], wh * ww).transpose(2, 3)}
+    for name, partition in wrong.items():
+        with pytest.raises(AssertionError):
+            nbhelpers.check_window_partition(partition)
