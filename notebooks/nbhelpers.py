@@ -92,17 +92,22 @@ def show_table(header, rows, title=None):
 def check_prediction(guess, answer, hint):
     """Say whether a student's prediction is right without printing the answer. `guess` None (or holding a
     None) is a prediction not yet written: it asks for one. Otherwise the numbers of `guess` and `answer` (a
-    number, or a list of them) must agree to within 1e-6, or an AssertionError says "not quite" and
-    `hint`, where to look again."""
+    number, or a list of them) must agree to within 1e-6. A wrong guess prints "Not quite" and `hint`, where
+    to look again, with no traceback: a wrong guess is part of the exercise, not an error. Returns whether
+    the guess is right (None while it is not written)."""
     if guess is None or (isinstance(guess, (list, tuple)) and any(g is None for g in guess)):
         print("Write your prediction in the cell above (replace None), run it, then run this cell again.")
-        return
+        return None
     size = np.size(answer)
-    assert np.shape(guess) == np.shape(answer), \
-        f"Not quite: the answer is {'one number' if size == 1 else f'a list of {size} numbers'}."
-    assert np.allclose(np.asarray(guess, dtype=float), np.asarray(answer, dtype=float), rtol=0, atol=1e-6), \
-        f"Not quite. {hint}"
+    if np.shape(guess) != np.shape(answer):
+        print(f"Not quite: the answer is {'one number' if size == 1 else f'a list of {size} numbers'}. "
+              "Change your prediction and run both cells again.")
+        return False
+    if not np.allclose(np.asarray(guess, dtype=float), np.asarray(answer, dtype=float), rtol=0, atol=1e-6):
+        print(f"Not quite. {hint} Change your prediction and run both cells again.")
+        return False
     print("Right.")
+    return True
 
 
 def _box(ax, x, y, text, colour=SHARED, w=0.5, h=0.06, size=8):
@@ -292,6 +297,9 @@ def plot_ingredient_costs(cost, mixers, ingredients, layouts):
             total = (np.array([cost[size, m, "uninext"][k] for m in mixers]) - base) / scale
             ax.scatter(pos, total, marker="_", s=500, lw=2, color="black", zorder=3,
                        label="UniNeXt - vanilla (measured)")
+            for p, t in zip(pos, total):  # the net value, where bars above and below zero cancel
+                ax.annotate(f"{t:+.0f}" if k == 0 else f"{t:+.1f}%", (p, t), xytext=(0, 5), textcoords="offset points",
+                            ha="center", fontsize=7, fontweight="bold")
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xticks(pos, mixers, rotation=30)
         row[0].set(title=f"Parameters added, {size}", ylabel="thousands")
@@ -377,8 +385,9 @@ def plot_rf_counts(rf, mixers, variants, grid):
     width, pos = 0.8 / len(variants), np.arange(len(mixers))
     for c, label in enumerate(variants):
         counts = [int((rf[m, label] > 0).sum()) for m in mixers]
-        ax.bar(pos + (c - (len(variants) - 1) / 2) * width, counts, width=width * 0.95, color=colours[c],
-               ec="black", lw=0.4, label=label)
+        bars = ax.bar(pos + (c - (len(variants) - 1) / 2) * width, counts, width=width * 0.95, color=colours[c],
+                      ec="black", lw=0.4, label=label)
+        ax.bar_label(bars, fontsize=6, rotation=90, padding=2)  # a count of 1 is a bar too thin to see
     ax.axhline(grid * grid, color="grey", ls="--", lw=1, label=f"whole grid ({grid * grid})")
     ax.set_ylim(0, 1.4 * grid * grid)  # room for the legend above the bars
     ax.set_xticks(pos, mixers)
@@ -646,6 +655,24 @@ def frame(ax):
         spine.set(visible=True, color="#BBBBBB")
 
 
+def block_label(name):
+    """'stages.2.blocks.1.mixer' -> 'stage 3, block 2'."""
+    _, stage, _, block, _ = name.split(".")
+    return f"stage {int(stage) + 1}, block {int(block) + 1}"
+
+
+def zoom_view(keys, size, zoom):
+    """(top, left, side) in pixels of an attention panel's view of a size x size image: `zoom` pixels around
+    the (k, k) bool map of a query's keys, or the whole image when they span half of it or more."""
+    rows, cols = np.nonzero(keys)
+    cell = size // keys.shape[0]
+    top, bottom, left, right = rows.min() * cell, (rows.max() + 1) * cell, cols.min() * cell, (cols.max() + 1) * cell
+    if 2 * max(bottom - top, right - left) >= size:
+        return (0, 0, size)
+    fit = lambda start: int(min(max(start, 0), size - zoom))
+    return (fit((top + bottom - zoom) // 2), fit((left + right - zoom) // 2), zoom)
+
+
 def plot_attention_maps(image, panels, rows, columns, title):
     """Where query tokens look, per head. `image` is the uint8 (H, W, C) test image; `rows` are (arch,
     label, (y, x) pixel of the query); `columns` the panels' titles; `panels[r, c]` a dict with `weights`,
@@ -734,12 +761,19 @@ def check_window_partition(candidate):
         if not torch.equal(theirs, ours):
             token = lambda t: (t[..., 0] // C).long()  # (B, nW, N): which token of the map sits there
             same_sets = torch.equal(token(theirs).sort(-1).values, token(ours).sort(-1).values)
-            raise AssertionError(f"{where}: " + (
-                "every window holds the right tokens, but in another order: inside a window, tokens go in "
-                "raster order, along the window's row first" if same_sets else
-                "window 0 must hold the tokens of rows 0 to wh-1 and columns 0 to ww-1; windows go in raster "
-                "order over the map, left to right, then down; a window's tokens stay whole (all C channels)"))
-        print(f"{where} -> {tuple(ours.shape)}, as uninext.window_partition")
+            if same_sets:
+                raise AssertionError(f"{where}: every window holds the right tokens, but in another order: inside "
+                                     "a window, tokens go in raster order, along the window's row first")
+            first = next(w for w in range(ours.shape[1]) if not torch.equal(theirs[:, w], ours[:, w]))
+            right = {0: "", 1: "window 0 is right, "}.get(first, f"windows 0 to {first - 1} are right, ")
+            raise AssertionError(
+                f"{where}: {right}window {first} is the first one wrong. It must hold the tokens of window row "
+                f"{first // (W // ww)}, window column {first % (W // ww)} (rows {first // (W // ww) * wh} to "
+                f"{first // (W // ww) * wh + wh - 1}, columns {first % (W // ww) * ww} to "
+                f"{first % (W // ww) * ww + ww - 1}); windows go in raster order over the map, left to right, "
+                "then down; a window's tokens stay whole (all C channels)")
+        print(f"{where}: {theirs.shape[1]} windows of {theirs.shape[2]} tokens, (B, nW, wh*ww, C) = "
+              f"{tuple(theirs.shape)}, as uninext.window_partition")
 
 
 def plot_attention_distance(distances, uniform, title):

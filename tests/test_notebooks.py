@@ -216,10 +216,12 @@ def test_the_build_it_yourself_check_fails_wrong_ingredients_and_passes_the_fold
     monkeypatch.syspath_prepend(str(NOTEBOOK_DIR))
     import nbhelpers
 
-    folded = next(c.source for c in read(NOTEBOOK_DIR / "01_tour.ipynb").cells if "class AnswerPostConv" in c.source)
-    assert folded.startswith("<details>"), "the answers are not folded: a student would see them before trying"
+    cells = read(NOTEBOOK_DIR / "01_tour.ipynb").cells
     namespace = {"nn": nn, "F": torch.nn.functional, "nbhelpers": nbhelpers}
-    exec("\n".join(re.findall(r"```python\n(.*?)```", folded, re.S)), namespace)  # the folded code, as shown
+    for answer in ("class AnswerPostConv", "class AnswerHdC"):  # each answer folded in a cell of its own
+        folded = next(c.source for c in cells if c.cell_type == "markdown" and answer in c.source)
+        assert folded.startswith("<details>"), "the answers are not folded: a student would see them before trying"
+        exec("\n".join(re.findall(r"```python\n(.*?)```", folded, re.S)), namespace)  # the folded code, as shown
     nbhelpers.check_ingredient(namespace["AnswerHdC"], "hdc")  # an AssertionError fails the test
 
     class Conv(nn.Module):  # the answer's shape, with the conv's options open
