@@ -449,14 +449,15 @@ def check_ingredient(candidate, slot, dim=32, grid=16, query=(7, 7)):
 
 
 LIVE_COLOUR = {"vanilla": ARCH_COLOUR["vanilla"], "vanilla + conv stem": INGREDIENT_COLOUR["conv_stem"],
-               "UniNeXt": ARCH_COLOUR["uninext"]}
+               "UniNeXt": ARCH_COLOUR["uninext"], "vanilla, conv mixer": ARCH_COLOUR["vanilla"],
+               "vanilla, no mixer + EC, HdC, PC": INGREDIENT_COLOUR["ec"]}
 
 
 def plot_live_experiment(this_run, seeds, full, budgets):
     """The live experiment beside what is committed. `this_run` {config: (test top-1, CPU-minutes or None
     (not on a CPU), budget index)} for the run just made; `seeds` {config: [(top-1, CPU-minutes)]} of the
     committed seeds at the class budget and `full` {config: [top-1]} of those at the full budget; `budgets`
-    the two budgets' names.
+    the two budgets' names (the second None where nothing was run at the full budget).
     Left: accuracy, a dot per committed seed and a bar at their mean, this run a star. Right: what each run
     cost, in CPU-minutes."""
     fig, (ax, cost) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
@@ -482,12 +483,12 @@ def plot_live_experiment(this_run, seeds, full, budgets):
     ax.set(ylabel="test top-1 (%), all 10,000 test images", title="Accuracy: this run beside the committed seeds")
     ax.grid(axis="y", alpha=0.3)
     grey = "#555555"
+    squares = [Line2D([], [], ls="", marker="s", mfc="white", color=grey, label=f"committed seed, {budgets[1]}")]
     ax.legend(handles=[Line2D([], [], ls="", marker="o", color=grey, label=f"committed seed, {budgets[0]}"),
-                       Line2D([], [], ls="", marker="s", mfc="white", color=grey,
-                              label=f"committed seed, {budgets[1]}"),
+                       *(squares if budgets[1] else []),
                        Line2D([], [], color=grey, lw=2.5, label="mean of the seeds"),
                        Line2D([], [], ls="", marker="*", ms=13, color=grey, mec="black", label="this run")],
-              fontsize=8, loc="upper left")
+              fontsize=8, loc="best")
     cost.set_xticks(range(len(configs)), [c.replace(" + ", "\n+ ") for c in configs], fontsize=8)
     cost.set(ylabel="CPU-minutes (process, one run)", title=f"Cost at {budgets[0]}")
     cost.set_ylim(top=1.35 * cost.get_ylim()[1])  # room for the legend above the bars
@@ -523,20 +524,41 @@ def plot_training(steps, epochs, title):
     return fig
 
 
-def plot_against_baselines(budget, summaries, name):
-    """Test accuracy against CPU-minutes: the linear and CNN baselines of `budget` (rows of
-    results/short_budget.csv) as lines, each run of `summaries` ({arch: summary.json}) as a dot."""
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for label, style in [("linear", dict(color="0.5", marker="s")), ("CNN (0.14M)", dict(color="#009E73", marker="^"))]:
-        rows = sorted((float(r["cpu_seconds"]) / 60, float(r["test_acc1"])) for r in budget if r["label"] == label)
-        ax.plot(*zip(*rows), ls="--", label=f"{label}, same script", **style)
-    for arch, s in summaries.items():
-        ax.plot(s["cpu_seconds"] / 60, s["test_acc1"], "o", ms=10, color=ARCH_COLOUR[arch], mec="black",
-                label=f"{name} {arch}, {s['epochs']} epochs")
-    ax.set(xscale="log", xlabel="CPU-minutes of training (one thread, log scale)", ylabel="test top-1 (%)",
-           ylim=(78, 96), title="Fashion-MNIST, all 60,000 training images, the full test set")
+def plot_against_baselines(rows, checkpoints, mixer):
+    """Test accuracy against CPU-minutes of training for runs measured side by side: `rows` (the sweep's rows
+    of mixer_comparison.csv, numbers as floats) for the linear classifier, the CNN and `mixer` in both
+    architectures, a dot per seed; the runs of `checkpoints` ({arch: summary.json}) ringed."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    groups = [("linear", dict(model="linear"), "0.5", "s"), ("CNN (0.14M)", dict(model="cnn"), "#009E73", "^"),
+              *((f"N32 {mixer}, {name}", dict(model="uninext", mixer=mixer, arch=arch), ARCH_COLOUR[arch], "o")
+                for arch, name in (("vanilla", "vanilla"), ("uninext", "UniNeXt")))]
+    for label, match, colour, marker in groups:
+        runs = [r for r in rows if all(r[k] == v for k, v in match.items())]
+        ax.scatter([r["cpu_seconds"] / 60 for r in runs], [r["test_acc1"] for r in runs], s=45, marker=marker,
+                   color=colour, edgecolors="black", lw=0.5, zorder=3, label=f"{label}, {len(runs)} seeds")
+    for arch, s in checkpoints.items():
+        ax.scatter(s["cpu_seconds"] / 60, s["test_acc1"], s=260, facecolors="none", edgecolors=ARCH_COLOUR[arch],
+                   lw=2, zorder=2, label=f"the {'UniNeXt' if arch == 'uninext' else arch} checkpoint (seed {s['config']['seed']})")
+    ax.set(xscale="log", xlabel="CPU-minutes of training per run (one thread, log scale)", ylabel="test top-1 (%)",
+           title="Fashion-MNIST, all 60,000 training images, 4 epochs, the full test set")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pooled_seeds(steps, names):
+    """A difference between two configurations, `names` = (a, b), as seeds are added: `steps` a list of
+    (number of seeds, a - b, low, high) with the 95% interval, zero marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    ax.axhline(0, color="black", lw=0.8)
+    n, d, low, high = (np.array(column, dtype=float) for column in zip(*steps))
+    ax.errorbar(n, d, yerr=[d - low, high - d], fmt="o", color=ARCH_COLOUR["uninext"], ecolor="0.4", capsize=5,
+                ms=7)
+    ax.set_xticks(n.astype(int))
+    ax.set(xlabel="seeds pooled (each configuration)", ylabel=f"{names[0]} - {names[1]} (points)",
+           title="The difference and its 95% interval as the class adds seeds")
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 

@@ -165,7 +165,8 @@ def test_notebook_02_on_apple_silicon_trains_on_the_cpu_and_its_checkpoints_pass
     for argv in ns["plan"].values():
         assert argv[argv.index("--device") + 1] == "cpu"
         args = train_minimal.resolve(train_minimal.build_parser().parse_args(argv))
-        assert (args.size, args.epochs, args.train_size, args.batch_size) == ("N32", 3, 5000, 64)
+        size, epochs, _ = live_experiment.BUDGETS[ns["EXPERIMENT"]]
+        assert (args.size, args.epochs, args.train_size, args.batch_size) == ("N32", epochs, size, 64)
     printed = capsys.readouterr().out
     assert "What it will cost:" in printed and "CPU-minutes" in printed  # before anything trains
     assert printed.count("--device cpu") >= 2 + len(ns["plan"])  # the live runs and the two checkpoint commands
@@ -185,10 +186,10 @@ def test_notebook_02_on_a_gpu_trains_the_same_experiment_and_says_its_cost_is_no
 
 
 def test_the_live_experiment_records_each_run_with_its_command_and_a_rerun_trains_nothing(tmp_path, monkeypatch):
-    argv = ["--tiny", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    argv = ["--tiny", "--experiment", "window", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
     live_experiment.main(argv)
     rows = live_experiment.read_rows(tmp_path / "live_experiment.csv")
-    assert [r["config"] for r in rows] == list(live_experiment.CONFIGS)
+    assert [r["config"] for r in rows] == list(live_experiment.EXPERIMENTS["window"])
     assert all(0 <= float(r["test_acc1"]) <= 100 and float(r["process_cpu_seconds"]) >= float(r["cpu_seconds"]) > 0
                for r in rows)
     assert "--conv-stem" in rows[1]["command"] and "--device cpu" in rows[1]["command"]
@@ -201,14 +202,15 @@ def test_the_live_experiment_records_each_run_with_its_command_and_a_rerun_train
     assert live_experiment.read_rows(tmp_path / "live_experiment.csv") == rows
 
 
-def test_the_committed_live_experiment_has_every_seed_of_every_configuration_at_the_notebooks_budget():
+def test_the_committed_live_experiments_have_every_seed_of_every_configuration_at_the_notebooks_budget():
     path = Path(live_experiment.__file__).parent / "results" / "live_experiment.csv"
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["dataset"] == "fashion-mnist"]
-    assert sorted((r["config"], int(r["seed"])) for r in rows) == sorted(
-        (c, s) for c in live_experiment.CONFIGS for s in live_experiment.SEEDS)
-    budget = (live_experiment.TRAIN_SIZE, live_experiment.EPOCHS)
-    assert {(int(r["train_size"]), int(r["epochs"])) for r in rows} == {budget}
+    for experiment, configs in live_experiment.EXPERIMENTS.items():
+        size, epochs, seeds = live_experiment.BUDGETS[experiment]
+        found = [(r["config"], int(r["seed"])) for r in rows
+                 if (r["experiment"], int(r["train_size"]), int(r["epochs"])) == (experiment, size, epochs)]
+        assert sorted(found) == sorted((c, s) for c in configs for s in seeds), experiment
     assert all(r["command"].startswith("OMP_NUM_THREADS=1 python train_minimal.py") for r in rows)
 
 
