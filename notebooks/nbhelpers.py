@@ -466,13 +466,14 @@ def plot_live_experiment(this_run, seeds, full, budgets):
         colour = LIVE_COLOUR[config]
         for k, (values, marker) in enumerate(((([a for a, _ in seeds[config]]), "o"), (full[config], "s"))):
             x = i + (k - 0.5) * 0.36
-            ax.scatter([x] * len(values), values, marker=marker, s=28, color=colour if k == 0 else "white",
+            jitter = (np.arange(len(values)) - (len(values) - 1) / 2) * 0.045  # seeds side by side, none hidden
+            ax.scatter(x + jitter, values, marker=marker, s=28, color=colour if k == 0 else "white",
                        edgecolors=colour, lw=1.4, zorder=3)
             if values:
                 ax.plot([x - 0.12, x + 0.12], [np.mean(values)] * 2, color=colour, lw=2.5)
         if config in this_run:
             acc, _, budget = this_run[config]
-            ax.scatter(i + (budget - 0.5) * 0.36 + 0.09, acc, marker="*", s=220, color=colour, edgecolors="black",
+            ax.scatter(i + (budget - 0.5) * 0.36 + 0.14, acc, marker="*", s=220, color=colour, edgecolors="black",
                        lw=0.8, zorder=4)
         runs = [m for _, m in seeds[config]]
         cost.bar(i - 0.2, np.mean(runs), width=0.38, color=colour, alpha=0.45, ec=colour)
@@ -515,7 +516,9 @@ def plot_training(steps, epochs, title):
     for ax, name, ylabel in zip(axes, names, ["cross-entropy", "top-1 (%)", "learning rate"]):
         ax.set(title=name, ylabel=ylabel, xlabel="epoch")
         ax.grid(alpha=0.3)
-    axes[1].set_ylim(0, 100)
+    tested = [r["test_acc1"] for rows in epochs.values() for r in rows if r["test_acc1"] is not None]
+    axes[1].set_ylim(max(0, min(tested, default=0) - 15), 100)  # cut: the gap between the test dots stays visible
+    axes[1].set_title("Top-1 accuracy (axis cut)")
     axes[2].set_xlabel("training step")
     axes[0].legend()
     axes[1].legend(fontsize=8, loc="lower right")
@@ -545,6 +548,30 @@ def plot_against_baselines(rows, checkpoints, mixer):
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def plot_difference(per_seed, d, low, high, name):
+    """A difference between two configurations, `name` ("a - b"): a dot per seed (a - b, same seed), the
+    difference of the means `d` with its 95% interval [`low`, `high`], and zero marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 2.4))
+    ax.axvline(0, color="black", lw=0.8)
+    ax.scatter(per_seed, [1] * len(per_seed), s=30, color=SHARED, zorder=3, label="one seed (a - b, same seed)")
+    ax.errorbar([d], [0], xerr=[[d - low], [high - d]], fmt="D", color=ARCH_COLOUR["uninext"], ecolor="0.3",
+                capsize=5, label="difference of the means, 95% interval")
+    ax.set_yticks([0, 1], ["means", "seeds"])
+    ax.set_ylim(-0.6, 1.6)
+    ax.set(xlabel=f"{name} (points)", title="The difference itself, zero marked")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig
+
+
+def schedule_steps(images, batch_size, epochs, warmup):
+    """Steps per epoch (the last incomplete batch dropped) and the step at which `build_scheduler`'s warm-up
+    over the fraction `warmup` of all steps ends."""
+    per_epoch = images // batch_size
+    return per_epoch, max(1, round(warmup * epochs * per_epoch))
 
 
 def plot_pooled_seeds(steps, names):
