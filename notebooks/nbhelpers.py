@@ -592,7 +592,7 @@ def plot_pooled_seeds(steps, names):
 
 def plot_confusion(confusion, classes, colour):
     """Accuracy per class (sorted) and the row-normalised confusion matrix (true class x guess), labelled
-    when there are at most 20 classes."""
+    when there are at most 20 classes, on a log colour scale so that mistakes of a few percent show."""
     C = len(confusion)
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
     order = per_class.argsort(descending=True)
@@ -607,7 +607,7 @@ def plot_confusion(confusion, classes, colour):
     ax.legend(fontsize=8, loc="lower right")
     ax = axes[1]
     percent = 100 * confusion / confusion.sum(1, keepdim=True).clamp(min=1)
-    im = ax.imshow(percent.numpy(), cmap="viridis", vmin=0, vmax=100)
+    im = ax.imshow(np.ma.masked_less(percent.numpy(), 1), cmap="viridis", norm=LogNorm(vmin=1, vmax=100))
     if C <= 20:
         ax.set_xticks(range(C), classes, rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(C), classes, fontsize=8)
@@ -617,14 +617,14 @@ def plot_confusion(confusion, classes, colour):
                     ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=7,
                             color="black" if percent[i, j] > 50 else "white")
     ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (% of each true class)")
-    fig.colorbar(im, ax=ax, shrink=0.8, label="% of the true class")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="% of the true class (log scale; under 1%: blank)")
     fig.tight_layout()
     return fig
 
 
 def show_guesses(images, picks, probs, truth, classes, title):
     """A 3 x 8 grid of test images (`images` uint8 (N, H, W, C)) with the model's guess and its probability,
-    and the true class below each."""
+    and, in brackets under it, the true class."""
     fig, axes = plt.subplots(3, 8, figsize=(13, 6.6))
     for ax, i in zip(axes.flat, picks):
         image = images[i].cpu()
