@@ -254,9 +254,9 @@ class Stage(nn.Module):
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic",
                                     align_corners=False).permute(0, 2, 3, 1)
             x = x + pos
-        for block in self.blocks:  # with gradient checkpointing, activations are recomputed in backward
-            use = self.grad_checkpointing and torch.is_grad_enabled()
-            x = checkpoint(block, x, use_reentrant=False) if use else block(x)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()  # activations recomputed in backward
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
 
