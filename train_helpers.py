@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a saved notebook keeps the finished bar, where a widget keeps its first frame
 
 import uninext
 
