@@ -746,16 +746,16 @@ def plot_attention_maps(image, panels, rows, columns, title):
     norm = TwoSlopeNorm(0.0, -limit, limit)  # 0 (the uniform share) is the centre of the map: white
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad((0, 0, 0, 0))  # not a key: transparent, over the hatching
-    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(2.6 * (1 + len(columns)) + 1.6, 2.75 * len(rows)),
+    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(3.0 * (1 + len(columns)) + 1.6, 3.0 * len(rows)),
                              squeeze=False, layout="constrained")
     extent = (-0.5, size - 0.5, size - 0.5, -0.5)
     for r, (arch, label, (y, x)) in enumerate(rows):
         ax = axes[r, 0]
         ax.imshow(grey, cmap="gray", extent=extent)
         ax.plot(x, y, "+", color=QUERY_COLOUR, ms=12, mew=2.5, path_effects=HALO)
-        ax.set_ylabel(f"{arch}\n{label}", color=ARCH_COLOUR[arch], fontsize=9, weight="bold")
+        ax.set_ylabel(f"{arch}\n{label}", color=ARCH_COLOUR[arch], fontsize=11, weight="bold")
         if r == 0:
-            ax.set_title("test image,\nquery pixel +", fontsize=9)
+            ax.set_title("test image,\nquery pixel +", fontsize=11)
         for c, name in enumerate(columns):
             p, ax = panels[r, c], axes[r, c + 1]
             k, n = p["weights"].shape[0], p["n"]
@@ -770,7 +770,7 @@ def plot_attention_maps(image, panels, rows, columns, title):
             top, left, side = p.get("view", (0, 0, size))  # a zoomed panel shows a side x side crop
             ax.set(xlim=(left - 0.5, left + side - 0.5), ylim=(top + side - 0.5, top - 0.5))
             if r == 0:
-                ax.set_title(name, fontsize=9)
+                ax.set_title(name, fontsize=11)
     for ax in axes.flat:
         frame(ax)
     step = max(1, int(limit) // 4)
@@ -821,7 +821,8 @@ def check_window_partition(candidate):
                 f"{first // (W // ww) * wh + wh - 1}, columns {first % (W // ww) * ww} to "
                 f"{first % (W // ww) * ww + ww - 1}); windows go in raster order over the map, left to right, "
                 "then down; a window's tokens stay whole (all C channels)")
-        print(f"{where}: {theirs.shape[1]} windows of {theirs.shape[2]} tokens, (B, nW, wh*ww, C) = "
+        count = theirs.shape[1]
+        print(f"{where}: {count} window{'s' if count != 1 else ''} of {theirs.shape[2]} tokens, (B, nW, wh*ww, C) = "
               f"{tuple(theirs.shape)}, as uninext.window_partition")
 
 
