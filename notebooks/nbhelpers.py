@@ -131,6 +131,9 @@ def _plus(ax, x, y, r=0.016):
     ax.text(x, y, "+", ha="center", va="center", fontsize=10)
 
 
+VANILLA_TEXT = "#A04E00"  # a darker orange for text about the vanilla architecture, readable on white
+
+
 def block_diagram(size="T"):
     """Draw the network (left: stem, stages, head of preset `size`) and one block (right), UniNeXt's
     ingredients in blue and what only the vanilla architecture has in orange. The stage list is read from
@@ -164,7 +167,7 @@ def block_diagram(size="T"):
     _box(net, 0.5, y, f"LN, mean over H x W, Linear\n(B, {cfg.num_classes})", w=0.6, h=0.07)
     _arrow(net, [(0.5, y + 0.125 - 0.043), (0.5, y + 0.043)])
     net.text(0.5, y - 0.06, "vanilla pvt and global: an absolute position\nembedding added at the start "
-                            "of every stage", color=orange, ha="center", va="top", fontsize=8)
+                            "of every stage", color=VANILLA_TEXT, ha="center", va="top", fontsize=9.5)
     net.legend(handles=[Patch(fc=blue + "22", ec=blue, label="UniNeXt ingredient"),
                         Patch(fc=orange + "22", ec=orange, label="vanilla only"),
                         Patch(fc=SHARED + "22", ec=SHARED, label="both architectures")],
@@ -200,9 +203,9 @@ def block_diagram(size="T"):
                                "on the mixer's input (pool,\nconv, pvt, identity)", blue, w=ws, h=0.1, size=7.5)
     _arrow(blk, [(xm, 0.845), (xs, 0.845), (xs, 0.838)], blue)
     _arrow(blk, [(xs, 0.732), (xs, ys["ec_add"]), (xm + 0.016, ys["ec_add"])], blue)
-    blk.text(xs, 0.67, "vanilla: the mixer's own position\nencoding instead (Swin's relative bias;\n"
-                       "CSWin's LePE, the same conv as EC;\nPVT's, ViT's absolute embedding)",
-             color=orange, ha="center", va="top", fontsize=7.5)
+    blk.text(xs, 0.67, "vanilla: the mixer's own\nposition encoding instead\n(Swin's relative bias; CSWin's\n"
+                       "LePE, the same conv as EC;\nPVT's, ViT's absolute\nembedding)",
+             color=VANILLA_TEXT, ha="center", va="top", fontsize=9.5)
     _box(blk, xs, 0.37, "HdC: depthwise 3x3 conv,\nLN, GELU, in the 4C-wide\nhidden layer", blue, w=ws, h=0.09)
     _arrow(blk, [(xm, 0.355), (xs - ws / 2 - 0.008, 0.355)], blue)
     _arrow(blk, [(xs, 0.317), (xs, ys["hdc_add"]), (xm + 0.016, ys["hdc_add"])], blue)
@@ -387,7 +390,7 @@ def plot_rf_counts(rf, mixers, variants, grid):
         counts = [int((rf[m, label] > 0).sum()) for m in mixers]
         bars = ax.bar(pos + (c - (len(variants) - 1) / 2) * width, counts, width=width * 0.95, color=colours[c],
                       ec="black", lw=0.4, label=label)
-        ax.bar_label(bars, fontsize=6, rotation=90, padding=2)  # a count of 1 is a bar too thin to see
+        ax.bar_label(bars, fontsize=9, rotation=90, padding=2)  # a count of 1 is a bar too thin to see
     ax.axhline(grid * grid, color="grey", ls="--", lw=1, label=f"whole grid ({grid * grid})")
     ax.set_ylim(0, 1.4 * grid * grid)  # room for the legend above the bars
     ax.set_xticks(pos, mixers)
