@@ -25,6 +25,7 @@ import uninext
 # Okabe-Ito colours, and greys. Vanilla is always orange and UniNeXt always blue; the ingredients, the image
 # sizes and the receptive-field outlines use colours that are neither.
 ARCH_COLOUR = {"vanilla": "#E69F00", "uninext": "#0072B2"}
+ARCH_NAME = {"vanilla": "vanilla", "uninext": "UniNeXt"}  # as the text writes them
 INGREDIENT_COLOUR = {"conv_stem": "#009E73", "ec": "#CC79A7", "hdc": "#F0E442", "pc": "#999999"}
 INGREDIENT_LABEL = {"conv_stem": "conv stem", "ec": "EC (Embedded Conv.)", "hdc": "HdC (High-dim. Conv.)",
                     "pc": "PC (Post Conv.)"}
@@ -509,10 +510,11 @@ def plot_training(steps, epochs, title):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for arch, rows in steps.items():
         x = [r["epoch"] for r in rows]
-        axes[0].plot(x, [r["train_loss"] for r in rows], color=ARCH_COLOUR[arch], lw=1, label=arch)
-        axes[1].plot(x, [r["train_acc1"] for r in rows], color=ARCH_COLOUR[arch], lw=1, label=f"{arch}, train")
+        name = ARCH_NAME.get(arch, arch)
+        axes[0].plot(x, [r["train_loss"] for r in rows], color=ARCH_COLOUR[arch], lw=1, label=name)
+        axes[1].plot(x, [r["train_acc1"] for r in rows], color=ARCH_COLOUR[arch], lw=1, label=f"{name}, train")
         tested = [(r["epoch"], r["test_acc1"]) for r in epochs[arch] if r["test_acc1"] is not None]
-        axes[1].plot(*zip(*tested), "o", color=ARCH_COLOUR[arch], mec="black", ms=8, label=f"{arch}, test")
+        axes[1].plot(*zip(*tested), "o", color=ARCH_COLOUR[arch], mec="black", ms=8, label=f"{name}, test")
     lr = next(iter(steps.values()))
     axes[2].plot([r["step"] for r in lr], [r["lr"] for r in lr], color="black", lw=1)
     names = ["Training loss (with label smoothing)", "Top-1 accuracy", "Learning rate, every 20 steps"]
@@ -522,7 +524,7 @@ def plot_training(steps, epochs, title):
     tested = [r["test_acc1"] for rows in epochs.values() for r in rows if r["test_acc1"] is not None]
     axes[1].set_ylim(max(0, min(tested, default=0) - 15), 100)  # cut: the gap between the test dots stays visible
     axes[1].set_title("Top-1 accuracy (axis cut)")
-    axes[2].set_xlabel("training step")
+    axes[2].set_xlabel("training step (not epochs)")
     axes[0].legend()
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
@@ -577,9 +579,9 @@ def schedule_steps(images, batch_size, epochs, warmup):
     return per_epoch, max(1, round(warmup * epochs * per_epoch))
 
 
-def plot_pooled_seeds(steps, names):
+def plot_pooled_seeds(steps, names, title="The difference and its 95% interval as seeds are added"):
     """A difference between two configurations, `names` = (a, b), as seeds are added: `steps` a list of
-    (number of seeds, a - b, low, high) with the 95% interval, zero marked."""
+    (number of seeds, a - b, low, high) with the 95% interval, zero marked; `title` says which seeds."""
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     ax.axhline(0, color="black", lw=0.8)
     n, d, low, high = (np.array(column, dtype=float) for column in zip(*steps))
@@ -587,7 +589,7 @@ def plot_pooled_seeds(steps, names):
                 ms=7)
     ax.set_xticks(n.astype(int))
     ax.set(xlabel="seeds pooled (each configuration)", ylabel=f"{names[0]} - {names[1]} (points)",
-           title="The difference and its 95% interval as the class adds seeds")
+           title=title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -599,11 +601,11 @@ def plot_confusion(confusion, classes, colour):
     C = len(confusion)
     per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
     order = per_class.argsort(descending=True)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.1]})
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [1, 1.25]})
     ax = axes[0]
     ax.barh(range(C), 100 * per_class[order].numpy(), color=colour)
     ax.axvline(100 * confusion.diag().sum() / confusion.sum(), color="black", ls="--", label="overall top-1")
-    ax.set_yticks(range(C), [classes[i] for i in order] if C <= 20 else [""] * C)
+    ax.set_yticks(range(C), [classes[i] for i in order] if C <= 20 else [""] * C, fontsize=11)
     ax.invert_yaxis()
     ax.set(xlim=(0, 100), xlabel="top-1 accuracy on the class's test images (%)", ylabel="class (best first)",
            title="Accuracy per class")
@@ -612,12 +614,12 @@ def plot_confusion(confusion, classes, colour):
     percent = 100 * confusion / confusion.sum(1, keepdim=True).clamp(min=1)
     im = ax.imshow(np.ma.masked_less(percent.numpy(), 1), cmap="viridis", norm=LogNorm(vmin=1, vmax=100))
     if C <= 20:
-        ax.set_xticks(range(C), classes, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(C), classes, fontsize=8)
+        ax.set_xticks(range(C), classes, rotation=60, ha="right", fontsize=11)
+        ax.set_yticks(range(C), classes, fontsize=11)
         for i in range(C):
             for j in range(C):
                 if percent[i, j] >= 1:
-                    ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{percent[i, j]:.0f}", ha="center", va="center", fontsize=12,
                             color="black" if percent[i, j] > 50 else "white")
     ax.set(xlabel="predicted class", ylabel="true class", title="Confusion matrix (% of each true class)")
     fig.colorbar(im, ax=ax, shrink=0.8, label="% of the true class (log scale; under 1%: blank)")
