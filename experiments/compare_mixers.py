@@ -49,6 +49,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.transforms import Bbox
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -515,8 +516,8 @@ def summarise_ablation(rows, args):
 
 def label_points(axis, points):
     """Name each point in its colour, from the top down: to its right, else to its left, else a line lower
-    or higher, wherever the name stays inside the axes and covers no name or point already drawn. Call it
-    once the layout is final."""
+    or higher, wherever the name stays inside the axes and covers no name or point already drawn; a name
+    moved off its point's line gets a thin line to its point. Call it once the layout is final."""
     renderer = axis.figure.canvas.get_renderer()
     scale = axis.figure.dpi / 72  # pixels per typographic point
     axis.get_xlim()  # the autoscaled limits, before data coordinates become pixels
@@ -535,6 +536,12 @@ def label_points(axis, points):
             box = label.get_window_extent(renderer)
             if frame.contains(*box.p0) and frame.contains(*box.p1) and not any(box.overlaps(t) for t in taken):
                 break
+        if dy != -3:  # off its point's line: a thin line from the name's near end to its point
+            px, py = axis.transData.transform((x, y))
+            ex, ey = box.x0 if side > 0 else box.x1, (box.y0 + box.y1) / 2
+            gap = 4 * scale / max(math.hypot(ex - px, ey - py), 1e-9)  # start at the marker's edge, not its centre
+            ends = axis.transData.inverted().transform([(px + (ex - px) * gap, py + (ey - py) * gap), (ex, ey)])
+            axis.add_artist(Line2D(*zip(*ends), color=color, lw=0.6))
         taken.append(box)
 
 
@@ -588,7 +595,9 @@ def plot(rows, args, path):
                                   ("cpu", "#B07800", "vanilla, equal CPU time"),
                                   ("uninext", COLORS["uninext"], "UniNeXt")]:
             ax.plot([], [], "o", color=color, mfc="white" if cell == "cpu" else color, label=text)
-    ax.legend(fontsize=7, loc="lower right")
+    low, high = ax.get_ylim()  # the legend sits just above the linear classifier's line, not over it
+    ax.legend(fontsize=7, loc="lower right",
+              bbox_to_anchor=(1, 0 if floor is None else (floor - low) / (high - low) + 0.01))
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(("Window mixer: vanilla, + one UniNeXt ingredient, all four" if args.ablation else
                   "Every mixer, vanilla vs UniNeXt") + f"\n{args.dataset}, {args.train_size or 'all'} images, "
