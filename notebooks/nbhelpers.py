@@ -667,9 +667,9 @@ def plot_mixer_reach(photo, panels, px, title):
     """One panel per entry of `panels` on the photograph `photo` ((H, W, 3) floats in [0, 1], a grid of
     px x px-pixel tokens). Each entry is a dict: `title`; `support`, (g, g) bool, the tokens the query can
     reach: the rest is dimmed and the border drawn in yellow; `query`, the (row, column) of the query token,
-    outlined in vermillion; `partitions`, a list of ((g, g) labels, line style) whose borders are drawn in
-    white; `keys`, None or the (g, g) labels of pvt's reduced keys: the photo is then drawn one colour per
-    key cell (its mean), the resolution that the keys have."""
+    outlined in white on a black rim; `partitions`, a list of ((g, g) labels, line style) whose borders
+    are drawn in white; `keys`, None or the (g, g) labels of pvt's reduced keys: the photo is then drawn
+    one colour per key cell (its mean), the resolution that the keys have."""
     fig, axes = plt.subplots(3, 3, figsize=(10, 11))
     for ax, p in zip(axes.flat, panels):
         image = photo
@@ -687,7 +687,8 @@ def plot_mixer_reach(photo, panels, px, title):
         if not p["support"].all():
             cell_borders(ax, p["support"].astype(int), px, colors="#F0E442", linewidths=2)
         q0, q1 = p["query"]
-        ax.add_patch(Rectangle((q1 * px - 0.5, q0 * px - 0.5), px, px, fill=False, ec=QUERY_COLOUR, lw=2.5))
+        for colour, width in (("black", 5), ("white", 2.5)):  # white on a dark rim: apart from the yellow border
+            ax.add_patch(Rectangle((q1 * px - 0.5, q0 * px - 0.5), px, px, fill=False, ec=colour, lw=width))
         ax.set_title(p["title"], fontsize=10)
         ax.set_xlabel("x (pixels)", fontsize=8)
         ax.set_ylabel("y (pixels)", fontsize=8)
@@ -751,16 +752,16 @@ def plot_attention_maps(image, panels, rows, columns, title):
     norm = TwoSlopeNorm(0.0, -limit, limit)  # 0 (the uniform share) is the centre of the map: white
     cmap = plt.get_cmap("RdBu_r").copy()
     cmap.set_bad((0, 0, 0, 0))  # not a key: transparent, over the hatching
-    fig, axes = plt.subplots(len(rows), 1 + len(columns), figsize=(3.0 * (1 + len(columns)) + 1.6, 3.0 * len(rows)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(rows), 1 + len(columns), squeeze=False, layout="constrained",
+                             figsize=(2.5 * (1 + len(columns)) + 1.8, 2.5 * len(rows) + 0.8))
     extent = (-0.5, size - 0.5, size - 0.5, -0.5)
     for r, (arch, label, (y, x)) in enumerate(rows):
         ax = axes[r, 0]
         ax.imshow(grey, cmap="gray", extent=extent)
         ax.plot(x, y, "+", color=QUERY_COLOUR, ms=12, mew=2.5, path_effects=HALO)
-        ax.set_ylabel(f"{arch}\n{label}", color=ARCH_COLOUR[arch], fontsize=11, weight="bold")
+        ax.set_ylabel(f"{arch}\n{label}", color=ARCH_COLOUR[arch], fontsize=14, weight="bold")
         if r == 0:
-            ax.set_title("test image,\nquery pixel +", fontsize=11)
+            ax.set_title("test image,\nquery pixel +", fontsize=13)
         for c, name in enumerate(columns):
             p, ax = panels[r, c], axes[r, c + 1]
             k, n = p["weights"].shape[0], p["n"]
@@ -775,7 +776,7 @@ def plot_attention_maps(image, panels, rows, columns, title):
             top, left, side = p.get("view", (0, 0, size))  # a zoomed panel shows a side x side crop
             ax.set(xlim=(left - 0.5, left + side - 0.5), ylim=(top + side - 0.5, top - 0.5))
             if r == 0:
-                ax.set_title(name, fontsize=11)
+                ax.set_title(name, fontsize=13)
     for ax in axes.flat:
         frame(ax)
     step = max(1, int(limit) // 4)
@@ -785,14 +786,14 @@ def plot_attention_maps(image, panels, rows, columns, title):
         ticks, labels = ticks + [limit], labels + [f"{2 ** limit:.3g}x (largest)"]
     bar = fig.colorbar(ScalarMappable(norm, cmap), ax=axes, ticks=ticks, shrink=0.7,
                        extend="min" if below else "neither")
-    bar.ax.set_yticklabels(labels)
-    bar.set_label("attention / uniform share of the query's keys\n(one scale for the whole figure)")
+    bar.ax.set_yticklabels(labels, fontsize=12)
+    bar.set_label("attention / uniform share of the query's keys\n(one scale for the whole figure)", fontsize=13)
     fig.legend(handles=[Patch(fc="white", ec="#BBBBBB", hatch="////", label="not a key of this query"),
                         Line2D([], [], color="black", lw=1.2, label="border of its keys"),
                         Line2D([], [], color="#777777", lw=0.8, label="outline of the object"),
                         Line2D([], [], ls="", marker="+", color="black", ms=9, mew=2, label="the query token")],
-               loc="outside lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=11)
+               loc="outside lower center", ncol=4, fontsize=12, frameon=False)
+    fig.suptitle(title, fontsize=15)
     return fig
 
 
