@@ -555,20 +555,22 @@ def plot_against_baselines(rows, checkpoints, mixer):
     return fig
 
 
-def plot_difference(per_seed, d, low, high, name):
-    """A difference between two configurations, `name` ("a - b"): a dot per seed (a - b, same seed), the
-    difference of the means `d` with its 95% interval [`low`, `high`], and zero marked."""
-    fig, ax = plt.subplots(figsize=(6.5, 2.4))
+def plot_difference(per_seed, d, low, high, names):
+    """A difference between two configurations, `names` = (a, b): a dot per seed (a - b, the same seed
+    number), the difference of the means `d` with its 95% interval [`low`, `high`], and zero marked."""
+    a, b = names
+    fig, ax = plt.subplots(figsize=(5.6, 3.2))
     ax.axvline(0, color="black", lw=0.8)
-    ax.scatter(per_seed, [1] * len(per_seed), s=30, color=SHARED, zorder=3, label="one seed (a - b, same seed)")
+    ax.scatter(per_seed, [1] * len(per_seed), s=30, color=SHARED, zorder=3,
+               label=f"one seed: {a}\nminus {b}, the same seed number")
     ax.errorbar([d], [0], xerr=[[d - low], [high - d]], fmt="D", color=ARCH_COLOUR["uninext"], ecolor="0.3",
                 capsize=5, label="difference of the means, 95% interval")
     ax.set_yticks([0, 1], ["means", "seeds"])
     ax.set_ylim(-0.6, 1.6)
-    ax.set(xlabel=f"{name} (points)", title="The difference itself, zero marked")
+    ax.set(xlabel=f"{a}\n- {b} (points)", title="The difference itself, zero marked")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     return fig
 
 
