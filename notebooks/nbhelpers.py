@@ -3,6 +3,8 @@ numbers rather than matplotlib plumbing. Each section belongs to one notebook; n
 the model computes."""
 
 import inspect
+import itertools
+import math
 import textwrap
 from pathlib import Path
 
@@ -169,6 +171,11 @@ def block_diagram(size="T"):
     _arrow(net, [(0.5, y + 0.125 - 0.043), (0.5, y + 0.043)])
     net.text(0.5, y - 0.06, "vanilla pvt and global: an absolute position\nembedding added at the start "
                             "of every stage", color=VANILLA_TEXT, ha="center", va="top", fontsize=9.5)
+    # its leader line: a tick at the top of every stage box, joined down to the note
+    tops = [0.67 - 0.125 * i + 0.035 for i in range(len(cfg.depths))]
+    net.plot([0.95, 0.95, 0.86], [tops[0], y - 0.09, y - 0.09], color=orange, lw=1.2, ls=":")
+    for top in tops:
+        net.plot([0.86, 0.95], [top - 0.008, top - 0.008], color=orange, lw=1.2, ls=":")
     net.legend(handles=[Patch(fc=blue + "22", ec=blue, label="UniNeXt ingredient"),
                         Patch(fc=orange + "22", ec=orange, label="vanilla only"),
                         Patch(fc=SHARED + "22", ec=SHARED, label="both architectures")],
@@ -207,6 +214,7 @@ def block_diagram(size="T"):
     blk.text(xs, 0.67, "vanilla: the mixer's own\nposition encoding instead\n(Swin's relative bias; CSWin's\n"
                        "LePE, the same conv as EC;\nPVT's, ViT's absolute\nembedding)",
              color=VANILLA_TEXT, ha="center", va="top", fontsize=9.5)
+    blk.plot([xs - 0.17, xm + w / 2 + 0.005], [0.64, ys["mixer"] - 0.02], color=orange, lw=1.2, ls=":")  # to the mixer
     _box(blk, xs, 0.37, "HdC: depthwise 3x3 conv,\nLN, GELU, in the 4C-wide\nhidden layer", blue, w=ws, h=0.09)
     _arrow(blk, [(xm, 0.355), (xs - ws / 2 - 0.008, 0.355)], blue)
     _arrow(blk, [(xs, 0.317), (xs, ys["hdc_add"]), (xm + 0.016, ys["hdc_add"])], blue)
@@ -271,7 +279,7 @@ def plot_mixer_costs(cost, mixers, layouts):
         for ax, k, scale, ylabel in zip(row, (0, 1), (1e6, 1e9), ("parameters (millions)", "GMACs per image")):
             for j, arch in enumerate(("vanilla", "uninext")):
                 ax.bar(pos + (j - 0.5) * 0.4, [cost[size, m, arch][k] / scale for m in mixers], width=0.38,
-                       color=ARCH_COLOUR[arch], label=f"{arch} architecture")
+                       color=ARCH_COLOUR[arch], label=ARCH_NAME[arch])
             ax.set_xticks(pos, mixers, rotation=30)
             ax.set(xlabel="spatial token mixer", ylabel=ylabel)
             ax.set_ylim(top=1.25 * ax.get_ylim()[1])  # room for the legend above the bars
@@ -301,14 +309,17 @@ def plot_ingredient_costs(cost, mixers, ingredients, layouts):
             total = (np.array([cost[size, m, "uninext"][k] for m in mixers]) - base) / scale
             ax.scatter(pos, total, marker="_", s=500, lw=2, color="black", zorder=3,
                        label="UniNeXt - vanilla (measured)")
-            for p, t in zip(pos, total):  # the net value, where bars above and below zero cancel
-                ax.annotate(f"{t:+.0f}" if k == 0 else f"{t:+.1f}%", (p, t), xytext=(0, 5), textcoords="offset points",
-                            ha="center", fontsize=7, fontweight="bold")
+            for p, t, top in zip(pos, total, np.maximum(up, total)):  # the net value, above the stack
+                ax.annotate(f"{t:+.0f}" if k == 0 else f"{t:+.1f}%", (p, top), xytext=(0, 5),
+                            textcoords="offset points", ha="center", fontsize=7, fontweight="bold")
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xticks(pos, mixers, rotation=30)
         row[0].set(title=f"Parameters added, {size}", ylabel="thousands")
         row[1].set(title=f"MACs added, {size}, one {img}x{img} image", ylabel="% of the vanilla model's MACs")
-    axes[0, 1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    handles, labels = axes[0, 1].get_legend_handles_labels()
+    handles.append(Patch(fc="none", ec="none"))  # a line of text under the EC entry
+    labels.append("EC below 0 (pvt, global): the\nposition embeddings it replaces")
+    axes[0, 1].legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("The price of each UniNeXt ingredient, added alone to the vanilla architecture")
     fig.tight_layout()
     return fig
@@ -376,7 +387,7 @@ def plot_receptive_fields(rf, mixers, variants, query, extents):
                 ax.text(0.5, 1.35, label, transform=ax.transAxes, ha="center", fontsize=10, weight="bold")
             if c == 0:
                 ax.set_ylabel(f"{mixer}\n(extent {extents[mixer]})", fontsize=9, weight="bold")
-    fig.colorbar(im, ax=axes, shrink=0.3, label="log10 |gradient| / largest in the figure")
+    fig.colorbar(im, ax=axes, shrink=0.3, label="log10(|gradient| / largest)")
     return fig
 
 
@@ -406,9 +417,12 @@ def check_ingredient(candidate, slot, dim=32, grid=16, query=(7, 7)):
     """Check a home-made UniNeXt ingredient against uninext.py's, inside a `Block` with the identity mixer
     (so that nothing else mixes positions): `slot` "pc" puts `candidate(dim)` where `Block.pc` sits,
     "hdc" puts `candidate(4 * dim)` where `ICMLP.hdc` sits. Four checks, each printed, each an
-    AssertionError when it fails: the candidate keeps the shape of its map; it has as many parameters; the
-    block's output is the same once the candidate holds the reference's weights (copied in order, shape by
-    shape); the same receptive field at `query`, found by autograd, against the block without it."""
+    AssertionError when it fails: the candidate keeps the shape of its map; it has as many parameters, of
+    the same shapes; the block's output is the same once the candidate holds the reference's weights; the
+    same receptive field at `query`, found by autograd, against the block without it. The order in which
+    the candidate declares its layers does not matter: each of its parameters gets a reference parameter
+    of the same shape, and where several share a shape (HdC's conv bias and LayerNorm gain and bias are
+    all 4C long), every pairing is tried."""
     def block(on):
         torch.manual_seed(0)
         mixer = uninext.Identity(dim, 2, 0, index=0, pos=False)
@@ -433,20 +447,32 @@ def check_ingredient(candidate, slot, dim=32, grid=16, query=(7, 7)):
     print(f"runs: {(2, grid, grid, width)} -> {shape}")
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
     assert n_theirs == n_ours, f"{n_theirs:,} parameters; uninext.py's {slot} has {n_ours:,}"
-    print(f"parameters: {n_theirs:,}, as uninext.py's {slot} ({type(ours).__name__})")
-    shapes = [tuple(p.shape) for p in theirs.parameters()], [tuple(p.shape) for p in ours.parameters()]
+    shapes = [sorted(tuple(p.shape) for p in m.parameters()) for m in (theirs, ours)]
     assert shapes[0] == shapes[1], f"parameter shapes {shapes[0]}; uninext.py's are {shapes[1]}"
+    print(f"parameters: {n_theirs:,}, of the same shapes as uninext.py's {slot} ({type(ours).__name__})")
     x = torch.randn(2, grid, grid, dim)  # (B, H, W, C)
     with torch.no_grad():
-        for mine_p, ref_p in zip(theirs.parameters(), ours.parameters()):
-            mine_p.copy_(ref_p)
-        gap = float((mine(x) - reference(x)).abs().max())
+        for p in ours.parameters():  # random weights: a parameter paired with the wrong one shows
+            p.add_(0.1 * torch.randn_like(p))
+        groups = {}  # shape: ([reference parameters], [candidate parameters])
+        for m, k in ((ours, 0), (theirs, 1)):
+            for p in m.parameters():
+                groups.setdefault(tuple(p.shape), ([], []))[k].append(p)
+        gap = math.inf
+        for pairing in itertools.product(*(itertools.permutations(g[0]) for g in groups.values())):
+            for refs, (_, mine_ps) in zip(pairing, groups.values()):
+                for mine_p, ref_p in zip(mine_ps, refs):
+                    mine_p.copy_(ref_p)
+            gap = min(gap, float((mine(x) - reference(x)).abs().max()))
+            if gap < 1e-5:
+                break
     assert gap < 1e-5, f"with uninext.py's weights the block's output differs by up to {gap:.3g}"
     print(f"output with the same weights: the same (largest difference {gap:.1g})")
     without, with_ours, with_theirs = reach(block(False)), reach(reference), reach(mine)
     assert with_theirs == with_ours, f"{with_theirs} positions reach the query; with uninext.py's {with_ours}"
     print(f"receptive field at {query}: {without} position(s) without it, {with_theirs} with it, as with "
           f"uninext.py's")
+    print("Right: your module matches uninext.py's.")
 
 
 # 02_train

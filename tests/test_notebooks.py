@@ -226,6 +226,24 @@ def test_the_build_it_yourself_check_fails_wrong_ingredients_and_passes_the_fold
         exec("\n".join(re.findall(r"```python\n(.*?)```", folded, re.S)), namespace)  # the folded code, as shown
     nbhelpers.check_ingredient(namespace["AnswerHdC"], "hdc")  # an AssertionError fails the test
 
+    class NormFirstHdC(nn.Module):  # a right HdC whose layers are declared in the other order
+        def __init__(self, hidden):
+            super().__init__()
+            self.norm = nn.LayerNorm(hidden)
+            self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+
+        def forward(self, h):
+            return torch.nn.functional.gelu(self.norm(self.conv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
+
+    nbhelpers.check_ingredient(NormFirstHdC, "hdc")
+
+    class NormOnTheInput(NormFirstHdC):  # the same layers in the wrong order of computation
+        def forward(self, h):
+            return torch.nn.functional.gelu(self.conv(self.norm(h).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+    with pytest.raises(AssertionError, match="output"):
+        nbhelpers.check_ingredient(NormOnTheInput, "hdc")
+
     class Conv(nn.Module):  # the answer's shape, with the conv's options open
         def __init__(self, dim, **options):
             super().__init__()
