@@ -863,13 +863,14 @@ def check_window_partition(candidate):
 def plot_attention_distance(distances, uniform, title):
     """Mean attention distance of every head (a dot), per attention block, vanilla orange and UniNeXt blue
     (`distances[arch][block]`, (heads,) pixels), beside uniform attention over the same keys (dashed,
-    `uniform[block]`)."""
+    `uniform[block]`). A block's heads sit slightly apart, so that two equal values show as two dots."""
     names = list(uniform)
     fig, ax = plt.subplots(figsize=(10, 3.8))
     for k, (arch, per_block) in enumerate(distances.items()):
         for i, name in enumerate(names):
             d = np.asarray(per_block[name])
-            ax.scatter(np.full(len(d), i + (k - 0.5) * 0.25), d, color=ARCH_COLOUR[arch], s=22, alpha=0.85,
+            jitter = np.linspace(-0.05, 0.05, len(d)) if len(d) > 1 else np.zeros(1)  # heads side by side
+            ax.scatter(i + (k - 0.5) * 0.25 + jitter, d, color=ARCH_COLOUR[arch], s=22, alpha=0.85,
                        label=f"{arch} (one dot per head)" if i == 0 else None)
     for i, name in enumerate(names):
         ax.plot([i - 0.35, i + 0.35], [uniform[name]] * 2, color="black", lw=1.2, ls="--",
@@ -888,7 +889,7 @@ def plot_erfs(fields, rows, columns, notes, title, tokens):
     the gradient is exactly zero: outside the receptive field. A map whose low end is not black keeps a weak
     but non-zero pixel visibly apart from a zero one. Rows are architectures, labelled in their colours;
     `notes[row, column]` goes under the column's title. `tokens[column]` is (top, left, side) in pixels of
-    the feature's token, outlined in vermillion."""
+    the feature's token, outlined in black."""
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(1.75 * len(columns) + 1.4, 2.15 * len(rows)),
                              squeeze=False, layout="constrained")
     cmap = plt.get_cmap("viridis").copy()
@@ -900,7 +901,7 @@ def plot_erfs(fields, rows, columns, notes, title, tokens):
             g, ax = fields[arch, column], axes[r, c]
             ax.imshow(np.ma.masked_equal(g / g.max(), 0), cmap=cmap, norm=norm, interpolation="nearest")
             top, left, side = tokens[column]
-            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, ec=QUERY_COLOUR, lw=1.2))
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), side, side, fill=False, ec="black", lw=1.2))
             ax.set_title(f"{column}\n{notes[arch, column]}", fontsize=8)
             frame(ax)
             if c == 0:
@@ -909,7 +910,7 @@ def plot_erfs(fields, rows, columns, notes, title, tokens):
                  label="|gradient| / largest in its panel\n(log scale; white: exactly 0)")
     fig.legend(handles=[Patch(fc="white", ec="#BBBBBB", label="exactly 0: outside the receptive field"),
                         Patch(fc=cmap(0.0), label="below 1e-4 of the panel's largest, not 0"),
-                        Patch(fill=False, ec=QUERY_COLOUR, label="the feature's own token")],
+                        Patch(fill=False, ec="black", label="the feature's own token")],
                loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return fig
