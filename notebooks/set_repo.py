@@ -3,7 +3,8 @@
 
     python notebooks/set_repo.py OWNER/REPO
 
-It says what it changed and changes nothing else. Commit and push the notebooks afterwards: a badge opens
+It also removes the note under each badge that explains the placeholder, which no longer applies. It says
+what it changed and changes nothing else. Commit and push the notebooks afterwards: a badge opens
 the notebook as it is on GitHub's main branch."""
 
 import argparse
@@ -15,6 +16,7 @@ import nbformat
 NAME = re.compile(r"[\w.-]+/[\w.-]+")
 BADGE = re.compile(r"(colab\.research\.google\.com/github/)([\w.-]+/[\w.-]+)(/blob/main/notebooks/)")
 CONSTANT = re.compile(r'^(REPO = ")([^"]*)(")', re.MULTILINE)
+NOTE = re.compile(r'\n\*If the badge opens a "not found" page[^\n]*\n')  # under the badge, about OWNER
 
 
 def places(nb):
@@ -45,6 +47,10 @@ def main(argv=None):
             if match.group(2) != repo:
                 cell.source = pattern.sub(lambda m: m.group(1) + repo + m.group(3), cell.source, count=1)
                 changes.append(f"{what} {match.group(2)} -> {repo}")
+        first = nb.cells[0]
+        if NOTE.search(first.source):
+            first.source = NOTE.sub("", first.source, count=1)
+            changes.append("placeholder note removed")
         if changes:
             nbformat.write(nb, path)
         print(f"{path.name}: {', '.join(changes) if changes else f'already {repo}'}")

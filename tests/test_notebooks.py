@@ -121,11 +121,13 @@ def test_set_repo_sets_the_badge_and_repo_of_every_notebook_and_says_what_it_cha
     done = set_repo("ada/uninext-course")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [f"{p.name}: badge {old[p.name][0]} -> ada/uninext-course, "
-                                        f"REPO {old[p.name][1]} -> ada/uninext-course" for p in NOTEBOOKS]
+                                        f"REPO {old[p.name][1]} -> ada/uninext-course, placeholder note removed"
+                                        for p in NOTEBOOKS]
     for path in sorted(folder.glob("*.ipynb")):
         nb, old = read(path), before[path.name]
         assert re.search(BADGE.format(re.escape(path.name)), nb.cells[0].source).group(1) == "ada/uninext-course"
         assert 'REPO = "ada/uninext-course"' in code_cells(nb)[0].source
+        assert "placeholder" in old.cells[0].source and "placeholder" not in nb.cells[0].source
         changed = [i for i, (a, b) in enumerate(zip(nb.cells, old.cells)) if a != b]
         assert changed == [0, old.cells.index(code_cells(old)[0])], "it changed more than the badge and REPO"
     assert set_repo("ada/uninext-course").stdout.count("already ada/uninext-course") == len(NOTEBOOKS)
