@@ -17,7 +17,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.collections import LineCollection
 from matplotlib.colors import LogNorm, TwoSlopeNorm
 from matplotlib.lines import Line2D
-from matplotlib.patches import Circle, ConnectionPatch, FancyBboxPatch, Patch, Rectangle
+from matplotlib.patches import Circle, ConnectionPatch, FancyArrowPatch, FancyBboxPatch, Patch, Rectangle
 from matplotlib.ticker import ScalarFormatter
 
 import uninext
@@ -92,35 +92,21 @@ def show_table(header, rows, title=None):
     display(Markdown("\n".join(text)))
 
 
-def check_prediction(guess, answer, hint, where=None, digits=None):
+def check_prediction(guess, answer, hint):
     """Say whether a student's prediction is right without printing the answer. `guess` None (or holding a
-    None) is a prediction not yet written: it asks for one, in `where` ("the cell above" unless given).
-    Otherwise the numbers of `guess` and `answer` (a number, True or False, or a list of them) must agree to
-    within 1e-6, or, with `digits`, once both are rounded to that many significant figures. A wrong guess
-    prints "Not quite" and `hint`, where to look again, with no traceback: a wrong guess is part of the
-    exercise, not an error; so is a guess of the wrong type (text in quotes, say). Returns whether the guess
-    is right (None while it is not written)."""
+    None) is a prediction not yet written: it asks for one. Otherwise the numbers of `guess` and `answer` (a
+    number, or a list of them) must agree to within 1e-6. A wrong guess prints "Not quite" and `hint`, where
+    to look again, with no traceback: a wrong guess is part of the exercise, not an error. Returns whether
+    the guess is right (None while it is not written)."""
     if guess is None or (isinstance(guess, (list, tuple)) and any(g is None for g in guess)):
-        print(f"Write your prediction in {where or 'the cell above'} (replace None), run it, then run this cell "
-              "again.")
+        print("Write your prediction in the cell above (replace None), run it, then run this cell again.")
         return None
     size = np.size(answer)
-    kind = ("True or False" if isinstance(answer, (bool, np.bool_)) else
-            "one number" if size == 1 else f"a list of {size} numbers")
-    try:
-        numbers = np.asarray(guess, dtype=float)
-    except (TypeError, ValueError):
-        numbers = None
-    if numbers is None or np.shape(guess) != np.shape(answer):
-        quotes = " (without quotes)" if numbers is None and isinstance(answer, (bool, np.bool_)) else ""
-        print(f"Not quite: the answer is {kind}{quotes}. Change your prediction and run both cells again.")
+    if np.shape(guess) != np.shape(answer):
+        print(f"Not quite: the answer is {'one number' if size == 1 else f'a list of {size} numbers'}. "
+              "Change your prediction and run both cells again.")
         return False
-    expected = np.asarray(answer, dtype=float)
-    if digits is not None:
-        def rounded(values):
-            return np.vectorize(lambda x: float(f"{x:.{digits - 1}e}"))(values)
-        numbers, expected = rounded(numbers), rounded(expected)
-    if not np.allclose(numbers, expected, rtol=0, atol=1e-6 if digits is None else 0):
+    if not np.allclose(np.asarray(guess, dtype=float), np.asarray(answer, dtype=float), rtol=0, atol=1e-6):
         print(f"Not quite. {hint} Change your prediction and run both cells again.")
         return False
     print("Right.")
@@ -187,15 +173,13 @@ def block_diagram(size="T"):
                             "of every stage", color=VANILLA_TEXT, ha="center", va="top", fontsize=9.5)
     # its leader line: a tick at the top of every stage box, joined down to the note
     tops = [0.67 - 0.125 * i + 0.035 for i in range(len(cfg.depths))]
-    net.plot([0.95, 0.95, 0.86], [tops[0], y - 0.09, y - 0.09], color=orange, lw=1.2, ls=":")
-    for top in tops:
-        net.plot([0.86, 0.95], [top - 0.008, top - 0.008], color=orange, lw=1.2, ls=":")
+    net.plot([0.05, 0.05, 0.14], [tops[0], y - 0.09, y - 0.09], color=orange, lw=1.2, ls=":")  # left: the
+    for top in tops:                                                                  # zoom arrow leaves right
+        net.plot([0.14, 0.05], [top - 0.008, top - 0.008], color=orange, lw=1.2, ls=":")
     net.legend(handles=[Patch(fc=blue + "22", ec=blue, label="UniNeXt ingredient"),
                         Patch(fc=orange + "22", ec=orange, label="vanilla only"),
                         Patch(fc=SHARED + "22", ec=SHARED, label="both architectures")],
                loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.04))
-    fig.add_artist(ConnectionPatch((0.87, 0.67), (0.03, 0.96), "data", "data", axesA=net, axesB=blk,
-                                   arrowstyle="-|>", ls="--", color=SHARED, lw=1.1))
     net.set_title(f"the network ({size} at {cfg.img_size}x{cfg.img_size})", fontsize=11)
 
     # One block: a main column, residual lines on the left, the ingredients on the right.
@@ -237,6 +221,16 @@ def block_diagram(size="T"):
     _arrow(blk, [(xs, 0.1), (xs, ys["pc_add"]), (xm + 0.016, ys["pc_add"])], blue)
     blk.set_title("one block (Block.forward), the same whatever the mixer", fontsize=11)
     fig.tight_layout()
+    # "Zoom in": a dashed arrow from stage 1's right edge, through the gap between the panels (clear of the
+    # patch stem's box), to the block's input x. Drawn in figure coordinates, once the layout is fixed.
+    to_fig = fig.transFigure.inverted().transform
+    start = to_fig(net.transData.transform((0.87, 0.67)))
+    end = to_fig(blk.transData.transform((xm - 0.14, ys["x"])))
+    gap = (to_fig(net.transAxes.transform((1, 0)))[0] + to_fig(blk.transAxes.transform((0, 0)))[0]) / 2
+    fig.add_artist(Line2D([start[0], gap, gap], [start[1], start[1], end[1]], transform=fig.transFigure,
+                          ls="--", color=SHARED, lw=1.1))
+    fig.add_artist(FancyArrowPatch((gap, end[1]), tuple(end), transform=fig.transFigure, arrowstyle="-|>",
+                                   mutation_scale=12, ls="--", color=SHARED, lw=1.1))
     return fig
 
 
@@ -455,8 +449,14 @@ def check_ingredient(candidate, slot, dim=32, grid=16, query=(7, 7)):
     owner = mine if slot == "pc" else mine.mlp
     setattr(owner, slot, candidate(width))
     ours, theirs = getattr(reference if slot == "pc" else reference.mlp, slot), getattr(owner, slot)
-    with torch.no_grad():
-        shape = tuple(theirs(torch.randn(2, grid, grid, width)).shape)  # (B, H, W, width)
+    try:
+        with torch.no_grad():
+            shape = tuple(theirs(torch.randn(2, grid, grid, width)).shape)  # (B, H, W, width)
+    except NotImplementedError:
+        raise  # not written yet: the check cell says so
+    except Exception as e:  # a mistake in the module is part of the exercise: a hint, not a traceback
+        raise AssertionError(f"your module failed on a {(2, grid, grid, width)} map, (B, H, W, C): {e}. "
+                             "nn.Conv2d wants (B, C, H, W): did you permute, and permute back?") from None
     assert shape == (2, grid, grid, width), f"it turns a {(2, grid, grid, width)} map into {shape}"
     print(f"runs: {(2, grid, grid, width)} -> {shape}")
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))

@@ -216,7 +216,7 @@ def test_the_committed_live_experiments_have_every_seed_of_every_configuration_a
     assert all(r["command"].startswith("OMP_NUM_THREADS=1 python train_minimal.py") for r in rows)
 
 
-def test_the_build_it_yourself_check_fails_wrong_ingredients_and_passes_the_folded_answers(monkeypatch):
+def test_the_build_it_yourself_check_fails_wrong_ingredients_and_passes_the_folded_answers(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(NOTEBOOK_DIR))
     import nbhelpers
 
@@ -262,6 +262,17 @@ def test_the_build_it_yourself_check_fails_wrong_ingredients_and_passes_the_fold
     with pytest.raises(AssertionError, match="parameters"):  # PC where HdC belongs: no LayerNorm
         nbhelpers.check_ingredient(Conv, "hdc")
     nbhelpers.check_ingredient(namespace["AnswerPostConv"], "pc")
+
+    class NoPermute(Conv):  # the mistake part 7 warns about: nn.Conv2d on a (B, H, W, C) map
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(AssertionError, match="permute"):
+        nbhelpers.check_ingredient(NoPermute, "pc")
+    check = next(c.source for c in cells if c.cell_type == "code" and 'check_ingredient(MyPostConv, "pc")' in c.source)
+    capsys.readouterr()
+    exec(check, {**namespace, "MyPostConv": NoPermute})  # the notebook's check cell: a hint, not a traceback
+    assert "Not quite: your module failed" in capsys.readouterr().out
 
 
 def test_the_window_partition_check_fails_wrong_partitions_and_passes_the_folded_answer(monkeypatch):
