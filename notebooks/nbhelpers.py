@@ -709,9 +709,10 @@ def plot_mixer_reach(photo, panels, px, title):
     """One panel per entry of `panels` on the photograph `photo` ((H, W, 3) floats in [0, 1], a grid of
     px x px-pixel tokens). Each entry is a dict: `title`; `support`, (g, g) bool, the tokens the query can
     reach: the rest is dimmed and the border drawn in yellow; `query`, the (row, column) of the query token,
-    outlined in white on a black rim; `partitions`, a list of ((g, g) labels, line style) whose borders
-    are drawn in white; `keys`, None or the (g, g) labels of pvt's reduced keys: the photo is then drawn
-    one colour per key cell (its mean), the resolution that the keys have."""
+    outlined in white on a black rim; `partitions`, a list of ((g, g) labels, line style[, colour]) whose
+    borders are drawn in that colour, white if none is given; `keys`, None or the (g, g) labels of pvt's
+    reduced keys: the photo is then drawn one colour per key cell (its mean), the resolution that the keys
+    have."""
     fig, axes = plt.subplots(3, 3, figsize=(10, 11))
     for ax, p in zip(axes.flat, panels):
         image = photo
@@ -722,8 +723,8 @@ def plot_mixer_reach(photo, panels, px, title):
                 image[cells == k] = photo[cells == k].mean(0)
         bright = np.kron(p["support"], np.ones((px, px)))  # (H, W): 1 inside what the query reaches
         ax.imshow(image * (0.3 + 0.7 * bright[..., None]))
-        for labels, style in p["partitions"]:
-            cell_borders(ax, labels, px, colors="white", linestyles=style, linewidths=0.8)
+        for labels, style, *colour in p["partitions"]:  # (labels, line style) or (labels, line style, colour)
+            cell_borders(ax, labels, px, colors=colour[0] if colour else "white", linestyles=style, linewidths=0.8)
         if p.get("keys") is not None:
             cell_borders(ax, p["keys"], px, colors="white", linewidths=1.2)
         if not p["support"].all():
@@ -843,8 +844,9 @@ def check_window_partition(candidate):
     """Check a home-made `window_partition(x, wh, ww)`, (B, H, W, C) -> (B, nW, wh*ww, C), against
     uninext.py's on maps and windows of several shapes: square windows, horizontal and vertical stripes (a
     stripe is a window as wide or as tall as the map), one window over the whole map. Every element of the
-    test maps differs, so a token in the wrong place cannot pass. Each case that passes is printed; the
-    first that fails raises an AssertionError that says what differs, without the code that fixes it."""
+    test maps differs, so a token in the wrong place cannot pass. Each case that passes is printed, and
+    "Right." after the last; the first that fails raises an AssertionError that says what differs, without
+    the code that fixes it."""
     cases = [((2, 8, 8, 3), (4, 4), "square windows"), ((1, 6, 9, 2), (3, 3), "square windows, a map that is not"),
              ((2, 4, 8, 5), (1, 8), "horizontal stripes"), ((2, 4, 8, 5), (4, 2), "vertical stripes"),
              ((1, 4, 4, 1), (4, 4), "one window, the whole map")]
@@ -872,6 +874,7 @@ def check_window_partition(candidate):
         count = theirs.shape[1]
         print(f"{where}: {count} window{'s' if count != 1 else ''} of {theirs.shape[2]} tokens, (B, nW, wh*ww, C) = "
               f"{tuple(theirs.shape)}, as uninext.window_partition")
+    print("Right.")
 
 
 def plot_attention_distance(distances, uniform, title):
