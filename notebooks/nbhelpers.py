@@ -92,21 +92,35 @@ def show_table(header, rows, title=None):
     display(Markdown("\n".join(text)))
 
 
-def check_prediction(guess, answer, hint):
+def check_prediction(guess, answer, hint, where=None, digits=None):
     """Say whether a student's prediction is right without printing the answer. `guess` None (or holding a
-    None) is a prediction not yet written: it asks for one. Otherwise the numbers of `guess` and `answer` (a
-    number, or a list of them) must agree to within 1e-6. A wrong guess prints "Not quite" and `hint`, where
-    to look again, with no traceback: a wrong guess is part of the exercise, not an error. Returns whether
-    the guess is right (None while it is not written)."""
+    None) is a prediction not yet written: it asks for one, in `where` ("the cell above" unless given).
+    Otherwise the numbers of `guess` and `answer` (a number, True or False, or a list of them) must agree to
+    within 1e-6, or, with `digits`, once both are rounded to that many significant figures. A wrong guess
+    prints "Not quite" and `hint`, where to look again, with no traceback: a wrong guess is part of the
+    exercise, not an error; so is a guess of the wrong type (text in quotes, say). Returns whether the guess
+    is right (None while it is not written)."""
     if guess is None or (isinstance(guess, (list, tuple)) and any(g is None for g in guess)):
-        print("Write your prediction in the cell above (replace None), run it, then run this cell again.")
+        print(f"Write your prediction in {where or 'the cell above'} (replace None), run it, then run this cell "
+              "again.")
         return None
     size = np.size(answer)
-    if np.shape(guess) != np.shape(answer):
-        print(f"Not quite: the answer is {'one number' if size == 1 else f'a list of {size} numbers'}. "
-              "Change your prediction and run both cells again.")
+    kind = ("True or False" if isinstance(answer, (bool, np.bool_)) else
+            "one number" if size == 1 else f"a list of {size} numbers")
+    try:
+        numbers = np.asarray(guess, dtype=float)
+    except (TypeError, ValueError):
+        numbers = None
+    if numbers is None or np.shape(guess) != np.shape(answer):
+        quotes = " (without quotes)" if numbers is None and isinstance(answer, (bool, np.bool_)) else ""
+        print(f"Not quite: the answer is {kind}{quotes}. Change your prediction and run both cells again.")
         return False
-    if not np.allclose(np.asarray(guess, dtype=float), np.asarray(answer, dtype=float), rtol=0, atol=1e-6):
+    expected = np.asarray(answer, dtype=float)
+    if digits is not None:
+        def rounded(values):
+            return np.vectorize(lambda x: float(f"{x:.{digits - 1}e}"))(values)
+        numbers, expected = rounded(numbers), rounded(expected)
+    if not np.allclose(numbers, expected, rtol=0, atol=1e-6 if digits is None else 0):
         print(f"Not quite. {hint} Change your prediction and run both cells again.")
         return False
     print("Right.")
