@@ -92,6 +92,31 @@ def show_table(header, rows, title=None):
     display(Markdown("\n".join(text)))
 
 
+def show_folded(summary, parts):
+    """Display `parts` folded under `summary`, opened by a click: each part a figure (shown as a PNG, then
+    closed) or Markdown text (a table from `markdown_table`, say). A saved notebook keeps the result without
+    showing it to a student who scrolls past before predicting it."""
+    import base64
+    import io
+    shown = []
+    for part in parts:
+        if isinstance(part, plt.Figure):
+            buffer = io.BytesIO()
+            part.savefig(buffer, format="png", bbox_inches="tight")
+            plt.close(part)
+            shown.append(f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">')
+        else:
+            shown.append(part)
+    display(Markdown(f"<details><summary>{summary}</summary>\n\n" + "\n\n".join(shown) + "\n\n</details>"))
+
+
+def markdown_table(header, rows, title=None):
+    """A Markdown table as text, as `show_table` displays it."""
+    text = [f"**{title}**\n"] if title else []
+    text += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(text + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def check_prediction(guess, answer, hint, where=None, digits=None):
     """Say whether a student's prediction is right without printing the answer. `guess` None (or holding a
     None) is a prediction not yet written: it asks for one, in `where` ("the cell above" unless given).
