@@ -340,7 +340,8 @@ def plot_mixer_costs(cost, mixers, layouts):
 
 def plot_ingredient_costs(cost, mixers, ingredients, layouts):
     """What each ingredient adds alone to the vanilla model, stacked per mixer: parameters (thousands) and
-    MACs (% of the vanilla model's), with the measured UniNeXt - vanilla difference as a black tick."""
+    MACs (% of the vanilla model's), with the measured UniNeXt - vanilla difference as a black tick, its value
+    beside it. The MACs panels share one y-axis, so that their bars compare across image sizes."""
     fig, axes = plt.subplots(len(layouts), 2, figsize=(11.5, 3.6 * len(layouts)), squeeze=False)
     pos = np.arange(len(mixers))
     for (size, img), row in zip(layouts, axes):
@@ -356,13 +357,16 @@ def plot_ingredient_costs(cost, mixers, ingredients, layouts):
             total = (np.array([cost[size, m, "uninext"][k] for m in mixers]) - base) / scale
             ax.scatter(pos, total, marker="_", s=500, lw=2, color="black", zorder=3,
                        label="UniNeXt - vanilla (measured)")
-            for p, t, top in zip(pos, total, np.maximum(up, total)):  # the net value, above the stack
-                ax.annotate(f"{t:+.0f}" if k == 0 else f"{t:+.1f}%", (p, top), xytext=(0, 5),
-                            textcoords="offset points", ha="center", fontsize=7, fontweight="bold")
+            for p, t in zip(pos, total):  # the net value, beside its black line
+                ax.annotate(f"{t:+.0f}" if k == 0 else f"{t:+.1f}%", (p + 0.3, t), xytext=(2, 0),
+                            textcoords="offset points", ha="left", va="center", fontsize=6.5, fontweight="bold")
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xticks(pos, mixers, rotation=30)
         row[0].set(title=f"Parameters added, {size}", ylabel="thousands")
         row[1].set(title=f"MACs added, {size}, one {img}x{img} image", ylabel="% of the vanilla model's MACs")
+    limits = [ax.get_ylim() for ax in axes[:, 1]]  # one y-axis for the MACs panels: heights compare
+    for ax in axes[:, 1]:
+        ax.set_ylim(min(low for low, _ in limits), max(high for _, high in limits))
     handles, labels = axes[0, 1].get_legend_handles_labels()
     handles.append(Patch(fc="none", ec="none"))  # a line of text under the EC entry
     labels.append("EC below 0 (pvt, global): the\nposition embeddings it replaces")
@@ -424,6 +428,9 @@ def plot_receptive_fields(rf, mixers, variants, query, extents):
             g, ax = rf[mixer, label], axes[r, c]
             im = ax.imshow(np.ma.log10(np.ma.masked_where(g == 0, g / top)), cmap=cmap, vmin=-7, vmax=0)
             draw_outline(ax, mixer, extents[mixer], g.shape[0], query)
+            if mixer == "cswin":  # thin grey stripe outlines: black ones would hide a cross one token wide
+                for patch in ax.patches:
+                    patch.set(lw=0.5, ec="#777777", ls="--")
             ax.plot(query[1], query[0], marker="+", color="black", ms=9, mew=2)
             ax.set_xticks([]), ax.set_yticks([])
             for spine in ax.spines.values():
