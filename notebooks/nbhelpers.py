@@ -826,9 +826,9 @@ def plot_attention_maps(image, panels, rows, columns, title):
     whole figure, so that equal colours mean equal ratios in every panel; white is exactly the uniform
     share. The scale reaches the largest ratio in the figure (a head can put its whole weight on one key:
     at most the number of keys); smaller ratios than its inverse, down to weights that round to 0, take
-    its darkest blue. Tokens that are not keys are hatched, the grey line outlines the object, + marks the
-    query token's centre and the black line is the border of its keys. A panel with a `view`, (top, left,
-    side) in pixels, shows only that square of the image, enlarged."""
+    its darkest blue. Tokens that are not keys are hatched, thin light-grey lines separate the keys, the grey
+    line outlines the object, + marks the query token's centre and the black line is the border of its keys.
+    A panel with a `view`, (top, left, side) in pixels, shows only that square of the image, enlarged."""
     size = image.shape[0]
     grey = image.float().mean(-1).numpy()
     log_ratio = {}
@@ -856,6 +856,8 @@ def plot_attention_maps(image, panels, rows, columns, title):
             k, n = p["weights"].shape[0], p["n"]
             ax.add_patch(Rectangle((-0.5, -0.5), size, size, fc="white", ec="#BBBBBB", hatch="////", lw=0, zorder=-1))
             ax.imshow(ratio[r, c], cmap=cmap, norm=norm, extent=extent, interpolation="nearest")
+            tokens = np.where(p["keys"], np.arange(k * k).reshape(k, k), -1)  # a line between every two keys
+            cell_borders(ax, tokens, size / k, colors="#BBBBBB", linewidths=0.6)
             ax.contour(grey, levels=[0.3 * grey.max()], colors="#777777", linewidths=0.8)
             if not p["keys"].all():
                 cell_borders(ax, p["keys"].astype(int), size / k, colors="black", linewidths=1.2)
@@ -879,10 +881,48 @@ def plot_attention_maps(image, panels, rows, columns, title):
     bar.set_label("attention / uniform share of the query's keys\n(one scale for the whole figure)", fontsize=13)
     fig.legend(handles=[Patch(fc="white", ec="#BBBBBB", hatch="////", label="not a key of this query"),
                         Line2D([], [], color="black", lw=1.2, label="border of its keys"),
+                        Line2D([], [], color="#BBBBBB", lw=0.6, label="between two keys"),
                         Line2D([], [], color="#777777", lw=0.8, label="outline of the object"),
                         Line2D([], [], ls="", marker="+", color="black", ms=9, mew=2, label="the query token")],
-               loc="outside lower center", ncol=4, fontsize=12, frameon=False)
+               loc="outside lower center", ncol=5, fontsize=12, frameon=False)
     fig.suptitle(title, fontsize=15)
+    return fig
+
+
+def plot_conv_reach(grid, window, query, titles):
+    """Two drawings of a (grid, grid) token map cut into window x window windows, the `query` token marked:
+    which tokens EC (left) and HdC or PC (right) add to the query's window. Both read the 3x3 tokens around
+    the query (dashed). EC reads their values V, so it adds those tokens alone; HdC and PC read their
+    attention outputs, so each adds its token's whole window. `titles`: the two panels' titles."""
+    from matplotlib.colors import to_rgba
+    fig, axes = plt.subplots(1, 2, figsize=(7.4, 4.3), layout="constrained")
+    qr, qc = query
+    own = (qr // window, qc // window)
+    kernel = [(r, c) for r in range(qr - 1, qr + 2) for c in range(qc - 1, qc + 2)]
+    for ax, title, whole in zip(axes, titles, (False, True)):
+        added = np.zeros((grid, grid), bool)
+        for r, c in kernel:
+            if whole:
+                added[r // window * window:(r // window + 1) * window, c // window * window:(c // window + 1) * window] = True
+            else:
+                added[r, c] = True
+        shade = np.zeros((grid, grid, 4))
+        shade[added] = to_rgba("#009E73", 0.45)
+        shade[own[0] * window:(own[0] + 1) * window, own[1] * window:(own[1] + 1) * window] = to_rgba(ARCH_COLOUR["uninext"], 0.55)
+        ax.imshow(shade, extent=(-0.5, grid - 0.5, grid - 0.5, -0.5), interpolation="nearest")
+        for t in range(grid + 1):
+            line = dict(color="#555555", lw=1.4) if t % window == 0 else dict(color="#CCCCCC", lw=0.5)
+            ax.axhline(t - 0.5, **line)
+            ax.axvline(t - 0.5, **line)
+        ax.add_patch(Rectangle((qc - 1.5, qr - 1.5), 3, 3, fill=False, ec="black", lw=2, ls="--"))
+        ax.plot(qc, qr, "+", color="black", ms=10, mew=2)
+        ax.set(xlim=(-0.5, grid - 0.5), ylim=(grid - 0.5, -0.5), xticks=[], yticks=[])
+        ax.set_title(title, fontsize=11)
+    fig.legend(handles=[Patch(fc=to_rgba(ARCH_COLOUR["uninext"], 0.55), label="the query's window (attention)"),
+                        Patch(fc=to_rgba("#009E73", 0.45), label="tokens the conv adds"),
+                        Line2D([], [], color="black", ls="--", lw=2, label="3x3 tokens around the query"),
+                        Line2D([], [], ls="", marker="+", color="black", ms=9, mew=2, label="the query token")],
+               loc="outside lower center", ncol=2, fontsize=10, frameon=False)
     return fig
 
 
