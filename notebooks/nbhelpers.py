@@ -653,7 +653,7 @@ def plot_difference(per_seed, d, low, high, names):
                 capsize=5, label="difference of the means, 95% interval")
     ax.set_yticks([0, 1], ["means", "seeds"])
     ax.set_ylim(-0.6, 1.6)
-    ax.set(xlabel=f"{a}\n- {b} (points)", title="The difference itself, zero marked")
+    ax.set(xlabel=f"({a})\nminus ({b}), points", title="The difference itself, zero marked")
     ax.grid(axis="x", alpha=0.3)
     fig.legend(fontsize=8, loc="lower center", frameon=False)
     fig.tight_layout(rect=(0, 0.22, 1, 1))
