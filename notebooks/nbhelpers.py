@@ -2,7 +2,9 @@
 numbers rather than matplotlib plumbing. Each section belongs to one notebook; nothing here changes what
 the model computes."""
 
+import base64
 import inspect
+import io
 import itertools
 import math
 import textwrap
@@ -84,20 +86,22 @@ def show_block(module, opening, notes, within=None):
     print()
 
 
-def show_table(header, rows, title=None):
-    """Display a Markdown table: `header` a list of column names, `rows` lists of cells."""
+def markdown_table(header, rows, title=None):
+    """A Markdown table as text: `header` a list of column names, `rows` lists of cells."""
     text = [f"**{title}**\n"] if title else []
     text += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    text += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    display(Markdown("\n".join(text)))
+    return "\n".join(text + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def show_table(header, rows, title=None):
+    """Display a Markdown table (see `markdown_table`)."""
+    display(Markdown(markdown_table(header, rows, title)))
 
 
 def show_folded(summary, parts):
     """Display `parts` folded under `summary`, opened by a click: each part a figure (shown as a PNG, then
     closed) or Markdown text (a table from `markdown_table`, say). A saved notebook keeps the result without
     showing it to a student who scrolls past before predicting it."""
-    import base64
-    import io
     shown = []
     for part in parts:
         if isinstance(part, plt.Figure):
@@ -108,13 +112,6 @@ def show_folded(summary, parts):
         else:
             shown.append(part)
     display(Markdown(f"<details><summary>{summary}</summary>\n\n" + "\n\n".join(shown) + "\n\n</details>"))
-
-
-def markdown_table(header, rows, title=None):
-    """A Markdown table as text, as `show_table` displays it."""
-    text = [f"**{title}**\n"] if title else []
-    text += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(text + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
 def check_prediction(guess, answer, hint, where=None, digits=None):
