@@ -603,7 +603,8 @@ class Tracker:
         if self.rank == 0:
             text = json.dumps(summary, indent=2, allow_nan=False)  # strict JSON: a NaN would be an error here
             replace_atomically(self.out / "summary.json", lambda tmp: tmp.write_text(text))
-            print(f"done: test top-1 {summary['test_acc1']:.2f}% after {self.args.epochs} epoch{'s' * (self.args.epochs != 1)}, "
+            epochs = f"{self.args.epochs} epoch{'s' * (self.args.epochs != 1)}"
+            print(f"done: test top-1 {summary['test_acc1']:.2f}% after {epochs}, "
                   f"{summary['seconds'] / 60:.1f} min, {summary['img_per_s']:,.0f} img/s | {self.out}")
         return summary
 

@@ -900,12 +900,14 @@ def plot_conv_reach(grid, window, query, titles):
         added = np.zeros((grid, grid), bool)
         for r, c in kernel:
             if whole:
-                added[r // window * window:(r // window + 1) * window, c // window * window:(c // window + 1) * window] = True
+                top, left = r // window * window, c // window * window  # the window that holds (r, c)
+                added[top:top + window, left:left + window] = True
             else:
                 added[r, c] = True
         shade = np.zeros((grid, grid, 4))
         shade[added] = to_rgba("#009E73", 0.45)
-        shade[own[0] * window:(own[0] + 1) * window, own[1] * window:(own[1] + 1) * window] = to_rgba(ARCH_COLOUR["uninext"], 0.55)
+        top, left = own[0] * window, own[1] * window
+        shade[top:top + window, left:left + window] = to_rgba(ARCH_COLOUR["uninext"], 0.55)
         ax.imshow(shade, extent=(-0.5, grid - 0.5, grid - 0.5, -0.5), interpolation="nearest")
         for t in range(grid + 1):
             line = dict(color="#555555", lw=1.4) if t % window == 0 else dict(color="#CCCCCC", lw=0.5)
