@@ -920,7 +920,9 @@ def plot_conv_reach(grid, window, query, titles):
     fig.legend(handles=[Patch(fc=to_rgba(ARCH_COLOUR["uninext"], 0.55), label="the query's window (attention)"),
                         Patch(fc=to_rgba("#009E73", 0.45), label="tokens the conv adds"),
                         Line2D([], [], color="black", ls="--", lw=2, label="3x3 tokens around the query"),
-                        Line2D([], [], ls="", marker="+", color="black", ms=9, mew=2, label="the query token")],
+                        Line2D([], [], ls="", marker="+", color="black", ms=9, mew=2, label="the query token"),
+                        Line2D([], [], color="#CCCCCC", lw=1, label="between two tokens (one square: one token)"),
+                        Line2D([], [], color="#555555", lw=1.4, label=f"window borders ({window}x{window} tokens)")],
                loc="outside lower center", ncol=2, fontsize=10, frameon=False)
     return fig
 
